@@ -1,0 +1,123 @@
+"""The `hmlm` command: index, fit, plugins (and the commands later issues add: eval, generate, bench).
+
+Every user error (bad recipe, missing file, unknown plugin, corrupt artifact) exits with code 2 and a one-paragraph
+message naming the file and key; tracebacks are for bugs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.max_steps=50")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hmlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="index the corpus if needed, then train (anchor and/or memory)")
+    _recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.ckpt")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device, print parameter counts, exit")
+
+    p = sub.add_parser("index", help="embed, cluster, tokenize and pack a corpus")
+    _recipe_args(p)
+    p.add_argument("--rebuild", action="store_true", help="rebuild even if the index directory exists")
+
+    sub.add_parser("plugins", help="list installed anchors, memories, routers, embedders and stores")
+    return parser
+
+
+def _load(args):
+    from .config import load_recipe, to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        console.print(to_yaml(recipe), markup=False, highlight=False, end="")
+        sys.exit(0)
+    return recipe
+
+
+def dry_run(recipe) -> None:
+    from .model import size_report
+
+    vocab = _vocab_for(recipe)
+    rep = size_report(recipe, vocab)
+    print(f"vocab size: {vocab}")
+    print(f"anchor parameters: {rep['anchor_params']}")
+    print(f"fetched memory parameters per sequence: {rep['fetched_params_per_sequence']}")
+    print(f"bank parameters: {rep['bank_params']}")
+    print(f"generic memory parameters: {rep['generic_params']}")
+    tiers: dict[str, int] = {}
+    for lvl in rep["bank_levels"]:
+        print(f"bank level {lvl['level']}: r={lvl['r']} nodes={lvl['nodes']} parameters={lvl['params']} "
+              f"bytes={lvl['bytes']} tier={lvl['tier']}")
+        tiers[lvl["tier"]] = tiers.get(lvl["tier"], 0) + lvl["bytes"]
+    for tier, nbytes in tiers.items():
+        print(f"bank bytes ({tier}): {nbytes}")
+
+
+def _vocab_for(recipe) -> int:
+    from .data.tokenizer import padded_vocab_size
+
+    if recipe.anchor.vocab_size:
+        return recipe.anchor.vocab_size
+    meta = Path(recipe.index.dir) / "index.json"
+    if meta.is_file():
+        import json
+
+        return padded_vocab_size(json.loads(meta.read_text())["tokenizer"]["vocab_size"])
+    if recipe.data.tokenizer.kind == "gpt2":
+        return padded_vocab_size(50258)  # GPT-2's 50,257 + our pad token
+    return padded_vocab_size(recipe.data.tokenizer.vocab_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from .user_errors import USER_ERRORS
+
+    try:
+        if args.command == "plugins":
+            from .registry import print_plugins
+
+            broken = print_plugins(console)
+            return 1 if broken else 0
+        recipe = _load(args)
+        if args.command == "index":
+            from .index import ensure_index
+
+            ensure_index(recipe, console, rebuild=args.rebuild)
+            return 0
+        if args.command == "fit":
+            if args.dry_run:
+                dry_run(recipe)
+                return 0
+            from .train.fit import fit
+
+            fit(recipe, resume=args.resume, console=console)
+            return 0
+    except USER_ERRORS as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The self-contained model directory: everything eval and generate need, nothing loaded with pickle.
+
+    model.json            recipe, vocabulary size, anchor shape, bank layout, embedder identity, versions, sha256s
+    anchor.safetensors    anchor weights (tied weights stored once)
+    bank/<key>.safetensors one block-addressable file per level (`l0`, `l1`, ...) and `generic`
+    tree.safetensors      the router's tree (copied from the index)
+    tokenizer/            the tokenizer (copied from the index)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from .config import Recipe, recipe_from_dict, to_dict
+from .data.tokenizer import Tokenizer
+from .model import MemoryLM, build_anchor, build_layout, build_store
+from .utils import atomic_dir, sha256_file, versions, write_json
+
+MODEL_FORMAT = 1
+
+
+class ModelDirError(RuntimeError):
+    pass
+
+
+def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, *, extra: dict | None = None) -> Path:
+    index_dir, out = Path(index_dir), Path(out)
+    index_meta = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
+    with atomic_dir(out) as tmp:
+        save_model(model.anchor, str(tmp / "anchor.safetensors"), metadata={"format": str(MODEL_FORMAT)})
+        sums = {"anchor.safetensors": sha256_file(tmp / "anchor.safetensors")}
+        if model.store is not None:
+            sums.update({f"bank/{k}": v for k, v in model.store.save(tmp / "bank").items()})
+        shutil.copy2(index_dir / "tree.safetensors", tmp / "tree.safetensors")
+        shutil.copytree(index_dir / "tokenizer", tmp / "tokenizer")
+        sums["tree.safetensors"] = sha256_file(tmp / "tree.safetensors")
+        for p in sorted((tmp / "tokenizer").iterdir()):
+            sums[f"tokenizer/{p.name}"] = sha256_file(p)
+        layout = model.layout
+        meta: dict[str, Any] = {
+            "format": MODEL_FORMAT,
+            "recipe": to_dict(recipe),
+            "vocab_size": model.anchor.config.vocab_size,
+            "anchor_shape": vars(model.anchor.shape) if not hasattr(model.anchor.shape, "__dataclass_fields__")
+            else {f: getattr(model.anchor.shape, f) for f in model.anchor.shape.__dataclass_fields__},
+            "memory": None if layout is None else {"type": recipe.memory.type, "sizes": list(layout.sizes),
+                                                   "branching": layout.branching, "layers": list(layout.layers),
+                                                   "generic": model.store.has_generic,
+                                                   "store": recipe.memory.store},
+            "embedder": index_meta["embedder"],
+            "router": index_meta["router"],
+            "index": {"dir": str(index_dir), "fingerprint": index_meta["fingerprint"],
+                      "counts": index_meta["counts"], "corpus": index_meta["corpus"]},
+            "versions": versions(),
+            "checksums": sums,
+        }
+        if extra:
+            meta.update(extra)
+        write_json(tmp / "model.json", meta)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A model directory loaded for inference: route text, fetch memory, score tokens."""
+
+    path: Path
+    meta: dict[str, Any]
+    recipe: Recipe
+    model: MemoryLM
+    tokenizer: Tokenizer
+    router: Any
+    _embedder: Any = None
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .index import build_embedder
+
+            self._embedder = build_embedder(self.recipe)
+        return self._embedder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.anchor.parameters()).device
+
+    def to(self, device: str | torch.device) -> "LoadedModel":
+        self.model.to(device)
+        if self.model.store is not None:
+            self.model.store.to_compute(device)
+        return self
+
+    def route(self, texts: Sequence[str], *, blocked: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        """Tree paths [N, levels] for texts, by the same greedy descent used to index the training corpus."""
+        emb = self.embedder.embed(list(texts)).astype(np.float32)
+        return torch.from_numpy(self.router.route(emb, blocked=blocked).astype(np.int64))
+
+
+def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
+    path = Path(path)
+    meta_path = path / "model.json"
+    if not meta_path.is_file():
+        raise ModelDirError(f"{path}: not a model directory (no model.json); `hmlm fit` writes one to "
+                            "<out_dir>/model")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{meta_path}: corrupt JSON ({exc})") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise ModelDirError(f"{meta_path}: model format {meta.get('format')!r}, this hmlm reads {MODEL_FORMAT}")
+    if verify:
+        for rel, expected in meta.get("checksums", {}).items():
+            f = path / rel
+            if not f.is_file():
+                raise ModelDirError(f"{f}: missing file listed in model.json")
+            if sha256_file(f) != expected:
+                raise ModelDirError(f"{f}: checksum mismatch (corrupt or modified file); re-export the model")
+    recipe = recipe_from_dict(meta["recipe"], source=str(meta_path))
+    anchor = build_anchor(recipe, meta["vocab_size"])
+    try:
+        load_model(anchor, str(path / "anchor.safetensors"))
+    except Exception as exc:  # safetensors raises plain errors on truncated/mismatched files
+        raise ModelDirError(f"{path / 'anchor.safetensors'}: cannot load anchor weights ({exc})") from None
+    layout = build_layout(recipe, anchor)
+    store = build_store(recipe, layout, init=False)
+    if store is not None:
+        store.load(path / "bank")
+    model = MemoryLM(anchor, layout, store).eval()
+    from .index import load_router
+
+    router = load_router(meta["router"]["name"], path / "tree.safetensors")
+    loaded = LoadedModel(path, meta, recipe, model, Tokenizer.load(path / "tokenizer"), router)
+    return loaded.to(device)

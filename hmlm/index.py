@@ -1,0 +1,205 @@
+"""`hmlm index`: corpus -> embeddings -> hierarchical k-means tree -> per-document paths -> packed token shards.
+
+The index directory is written atomically (built in a temp dir, renamed at the end) and is everything training needs:
+
+    index.json              config fingerprint, embedder identity, tree shape, counts, versions, sha256 of every file
+    tree.safetensors        router centroids (one tensor per level)
+    documents.jsonl         per document: id, split (train/val), path (one node id per level), tokens
+    node_stats.safetensors  per level: documents and tokens routed to each node (training split)
+    tokenizer/              tokenizer.json + meta
+    shards/                 train-*.safetensors, val-*.safetensors: packed sequences with doc ids and paths
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from safetensors.numpy import save_file
+
+from . import registry
+from .config import Recipe
+from .data.corpus import read_corpus
+from .data.packing import pack_by_leaf, write_shards
+from .data.tokenizer import Tokenizer, build_tokenizer
+from .utils import atomic_dir, sha256_file, versions, write_json
+
+INDEX_FORMAT = 1
+
+
+class IndexError_(RuntimeError):
+    """An index that exists but does not match the recipe, or is corrupt."""
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """Everything that changes the index's content. Training-only keys are left out on purpose."""
+    data = asdict(recipe.data)
+    data.pop("num_workers", None)
+    key = {"data": data, "embedder": asdict(recipe.index.embedder), "router": asdict(recipe.index.router),
+           "seed": recipe.seed, "format": INDEX_FORMAT}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def corpus_path(recipe: Recipe) -> Path:
+    if recipe.data.corpus == "bundled":
+        from .data.bundled import build_bundled_corpus
+
+        return build_bundled_corpus(seed=recipe.seed)
+    return Path(recipe.data.corpus)
+
+
+def build_embedder(recipe: Recipe):
+    return registry.get("embedders", recipe.index.embedder.name).from_config(recipe.index.embedder, seed=recipe.seed)
+
+
+def build_router(recipe: Recipe):
+    return registry.get("routers", recipe.index.router.name).from_config(recipe.index.router, seed=recipe.seed)
+
+
+def load_router(recipe_or_name: Recipe | str, path: Path):
+    name = recipe_or_name if isinstance(recipe_or_name, str) else recipe_or_name.index.router.name
+    return registry.get("routers", name).load(path)
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation documents (seeded; at least one when a fraction is asked and n_docs >= 2)."""
+    is_val = np.zeros(n_docs, dtype=bool)
+    n_val = int(round(n_docs * val_fraction))
+    if val_fraction > 0 and n_docs >= 2:
+        n_val = max(1, n_val)
+    if n_val:
+        rng = np.random.default_rng([seed, 7])
+        is_val[rng.choice(n_docs, size=n_val, replace=False)] = True
+    return is_val
+
+
+def ensure_index(recipe: Recipe, console: Console | None = None, *, rebuild: bool = False) -> Path:
+    """Return the recipe's index dir, building it when it does not exist (or when `rebuild`)."""
+    out = Path(recipe.index.dir)
+    if out.exists() and not rebuild:
+        check_index(out, recipe)
+        return out
+    return build_index(recipe, console or Console())
+
+
+def check_index(path: Path, recipe: Recipe) -> dict[str, Any]:
+    meta_path = path / "index.json"
+    if not meta_path.is_file():
+        raise IndexError_(f"{path}: exists but has no index.json (a corrupt or foreign directory); delete it or set "
+                          "index.dir to another path")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise IndexError_(f"{meta_path}: corrupt JSON ({exc}); delete the index directory to rebuild it") from None
+    if meta.get("fingerprint") != fingerprint(recipe):
+        raise IndexError_(f"{path}: this index was built with other data/index settings than the recipe "
+                          f"(fingerprint {meta.get('fingerprint')} != {fingerprint(recipe)}); run "
+                          f"`hmlm index --recipe ... --rebuild` or point index.dir elsewhere")
+    return meta
+
+
+def read_index_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "index.json").read_text(encoding="utf-8"))
+
+
+def build_index(recipe: Recipe, console: Console) -> Path:
+    t0 = time.perf_counter()
+    out = Path(recipe.index.dir)
+    src = corpus_path(recipe)
+    console.print(f"[bold]index[/] reading corpus {src}")
+    docs = read_corpus(src, max_docs=recipe.data.max_docs)
+    texts = [d.text for d in docs]
+    is_val = split_documents(len(docs), recipe.data.val_fraction, recipe.seed)
+    train_idx = np.flatnonzero(~is_val)
+    console.print(f"[bold]index[/] {len(docs):,} documents ({int(is_val.sum()):,} held out for validation)")
+
+    embedder = build_embedder(recipe)
+    console.print(f"[bold]index[/] embedding with `{recipe.index.embedder.name}`")
+    emb = embedder.embed(texts, progress=True).astype(np.float32)
+
+    rc = recipe.index.router
+    console.print(f"[bold]index[/] fitting `{rc.name}`: k={rc.branching}, levels={rc.levels}")
+    router = build_router(recipe).fit(emb[train_idx], progress=True)
+    paths = router.route(emb).astype(np.int64)
+
+    console.print(f"[bold]index[/] tokenizer: {recipe.data.tokenizer.kind}")
+    rng = np.random.default_rng([recipe.seed, 11])
+    tok_docs = train_idx
+    if recipe.data.tokenizer.train_docs and len(train_idx) > recipe.data.tokenizer.train_docs:
+        tok_docs = np.sort(rng.choice(train_idx, size=recipe.data.tokenizer.train_docs, replace=False))
+    tokenizer = build_tokenizer(recipe.data.tokenizer, [texts[i] for i in tok_docs], seed=recipe.seed)
+    token_docs = [np.asarray(ids + [tokenizer.eos_id], dtype=np.int64)
+                  for ids in tokenizer.encode_batch(texts)]
+    n_tokens = np.array([len(t) for t in token_docs], dtype=np.int64)
+
+    with atomic_dir(out) as tmp:
+        router.save(tmp / "tree.safetensors")
+        tokenizer.save(tmp / "tokenizer")
+        shards: dict[str, list[str]] = {}
+        sums: dict[str, str] = {}
+        seq_counts: dict[str, int] = {}
+        for split, idx in (("train", train_idx), ("val", np.flatnonzero(is_val))):
+            if len(idx) == 0:
+                shards[split] = []
+                seq_counts[split] = 0
+                continue
+            packed = pack_by_leaf([token_docs[i] for i in idx], paths[idx], recipe.data.seq_len,
+                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=recipe.seed)
+            written = write_shards(packed, tmp / "shards", split)
+            shards[split] = [w["file"] for w in written]
+            sums.update({f"shards/{w['file']}": w["sha256"] for w in written})
+            seq_counts[split] = int(packed.tokens.shape[0])
+        stats = _node_stats(paths[train_idx], n_tokens[train_idx], rc.branching)
+        save_file(stats, str(tmp / "node_stats.safetensors"))
+        with open(tmp / "documents.jsonl", "w", encoding="utf-8") as f:
+            for i, d in enumerate(docs):
+                f.write(json.dumps({"id": d.id, "split": "val" if is_val[i] else "train",
+                                    "path": paths[i].tolist(), "tokens": int(n_tokens[i])}) + "\n")
+        for name in ("tree.safetensors", "node_stats.safetensors", "documents.jsonl"):
+            sums[name] = sha256_file(tmp / name)
+        for p in sorted((tmp / "tokenizer").iterdir()):
+            sums[f"tokenizer/{p.name}"] = sha256_file(p)
+        meta = {
+            "format": INDEX_FORMAT,
+            "fingerprint": fingerprint(recipe),
+            "corpus": str(src),
+            "data": asdict(recipe.data),
+            "embedder": embedder.identity(),
+            "router": {"name": rc.name, "branching": rc.branching, "levels": rc.levels,
+                       "fit_stats": getattr(router, "fit_stats", {})},
+            "tokenizer": {"kind": recipe.data.tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                          "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+            "counts": {"documents": len(docs), "val_documents": int(is_val.sum()),
+                       "train_tokens": int(n_tokens[train_idx].sum()), "val_tokens": int(n_tokens[is_val].sum()),
+                       "train_sequences": seq_counts["train"], "val_sequences": seq_counts["val"]},
+            "shards": shards,
+            "seq_len": recipe.data.seq_len,
+            "checksums": sums,
+            "versions": versions(),
+            "seed": recipe.seed,
+            "build_seconds": round(time.perf_counter() - t0, 1),
+        }
+        write_json(tmp / "index.json", meta)
+    c = meta["counts"]
+    console.print(f"[bold]index[/] wrote {out}: {c['train_sequences']:,} train / {c['val_sequences']:,} val sequences "
+                  f"of {recipe.data.seq_len} tokens, {c['train_tokens']:,} train tokens, vocab "
+                  f"{tokenizer.vocab_size:,} ({meta['build_seconds']} s)")
+    return out
+
+
+def _node_stats(paths: np.ndarray, n_tokens: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    stats = {}
+    for lvl in range(paths.shape[1]):
+        nodes = k ** (lvl + 1)
+        stats[f"level{lvl + 1}_docs"] = np.bincount(paths[:, lvl], minlength=nodes).astype(np.int64)
+        stats[f"level{lvl + 1}_tokens"] = np.bincount(paths[:, lvl], weights=n_tokens, minlength=nodes).astype(np.int64)
+    return stats
+
+
+def load_tokenizer(index_dir: Path) -> Tokenizer:
+    return Tokenizer.load(Path(index_dir) / "tokenizer")

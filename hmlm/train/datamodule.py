@@ -1,0 +1,76 @@
+"""LightningDataModule over an index's packed shards, with a resumable, deterministic sequence order.
+
+The training order is an endless stream: epoch e visits every packed sequence in a permutation seeded by (seed, e).
+A position in that stream is just the number of sequences consumed, so resuming from a checkpoint at global step s
+restarts the stream at s * batch_size * world_size and the run sees exactly the batches an uninterrupted run would.
+Each data-parallel rank takes every world_size-th sequence of the global stream.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..data.packing import SequenceShards
+
+
+class StreamSampler(Sampler[int]):
+    def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        if n == 0:
+            raise ValueError("the index holds no training sequences: the corpus is too small for data.seq_len")
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def __iter__(self) -> Iterator[int]:
+        pos = self.start + self.rank  # global stream position of this rank's next sequence
+        epoch, perm = -1, None
+        while True:
+            e, off = divmod(pos, self.n)
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            yield int(perm[off])
+            pos += self.world
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(self, index_dir: str | Path, *, batch_size: int, seed: int, num_workers: int = 0,
+                 val_batch_size: int | None = None):
+        super().__init__()
+        self.index_dir = Path(index_dir)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: SequenceShards | None = None
+        self.val_set: SequenceShards | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        shards = self.index_dir / "shards"
+        if self.train_set is None:
+            self.train_set = SequenceShards(shards, "train")
+        if self.val_set is None:
+            self.val_set = SequenceShards(shards, "val")
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        rank, world = self._world()
+        step = self.trainer.global_step if getattr(self, "trainer", None) is not None else 0
+        sampler = StreamSampler(len(self.train_set), self.seed, start=step * self.batch_size * world,
+                                rank=rank, world=world)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)

@@ -1,0 +1,134 @@
+"""`hmlm fit`: index (if needed) -> build the model from the registry -> Lightning Trainer -> model directory.
+
+The run directory (`out_dir`) holds `index/` (unless index.dir points elsewhere), `checkpoints/` (every
+trainer.ckpt_every steps, plus last.ckpt), `logs/` (CSV and TensorBoard) and the exported `model/`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from rich.console import Console
+from rich.table import Table
+
+from ..config import Recipe, to_yaml
+from ..data.packing import SequenceShards
+from ..export import load_model_dir, save_model_dir
+from ..index import ensure_index, read_index_meta
+from ..model import build_model
+from .datamodule import ShardDataModule
+from .module import HMLMModule
+
+
+class FitError(RuntimeError):
+    pass
+
+
+def _precision(recipe: Recipe) -> str:
+    if recipe.trainer.precision != "auto":
+        return recipe.trainer.precision
+    return "bf16-mixed" if torch.cuda.is_available() and recipe.trainer.accelerator in ("auto", "gpu", "cuda") \
+        else "32-true"
+
+
+def init_anchor_from(model, source: str) -> None:
+    """Copy anchor weights from a model directory (anchor.safetensors) or a Lightning checkpoint (weights only)."""
+    src = Path(source)
+    if src.is_dir():
+        from safetensors.torch import load_model
+
+        load_model(model.anchor, str(src / "anchor.safetensors"))
+        return
+    if not src.is_file():
+        raise FitError(f"anchor.init_from: {src} does not exist (give a model directory or a .ckpt file)")
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    state = {k[len("model.anchor."):]: v for k, v in ckpt.get("state_dict", {}).items()
+             if k.startswith("model.anchor.")}
+    if not state:
+        raise FitError(f"anchor.init_from: {src} holds no anchor weights (keys model.anchor.*)")
+    model.anchor.load_state_dict(state)
+
+
+def last_checkpoint(out_dir: Path) -> Path | None:
+    last = out_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
+        progress: bool = True, final_eval: bool = True) -> dict[str, Any]:
+    console = console or Console()
+    t0 = time.perf_counter()
+    out_dir = Path(recipe.out_dir)
+    ckpt_path = None
+    if resume:
+        ckpt_path = last_checkpoint(out_dir)
+        if ckpt_path is None:
+            raise FitError(f"--resume: no checkpoint at {out_dir / 'checkpoints' / 'last.ckpt'}; "
+                           "start without --resume")
+    index_dir = ensure_index(recipe, console)
+    index_meta = read_index_meta(index_dir)
+    if index_meta["seq_len"] != recipe.data.seq_len:
+        raise FitError(f"index {index_dir} was packed with seq_len {index_meta['seq_len']}, recipe asks "
+                       f"{recipe.data.seq_len}")
+    from ..data.tokenizer import padded_vocab_size
+
+    vocab = padded_vocab_size(index_meta["tokenizer"]["vocab_size"])
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    model = build_model(recipe, vocab)
+    if recipe.anchor.init_from:
+        init_anchor_from(model, recipe.anchor.init_from)
+    module = HMLMModule(recipe, model)
+    dm = ShardDataModule(index_dir, batch_size=recipe.trainer.batch_size, seed=recipe.seed,
+                         num_workers=recipe.data.num_workers)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
+    ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step-{step:06d}", save_last=True,
+                              every_n_train_steps=recipe.trainer.ckpt_every, save_top_k=-1,
+                              auto_insert_metric_name=False)
+    callbacks: list[Any] = [ckpt_cb]
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    loggers = [CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="tb")]
+    n_val = len(SequenceShards(index_dir / "shards", "val"))
+    trainer = L.Trainer(
+        accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
+        precision=_precision(recipe), max_steps=recipe.trainer.max_steps, max_epochs=-1,
+        val_check_interval=recipe.trainer.val_every if n_val else None, check_val_every_n_epoch=None,
+        limit_val_batches=recipe.trainer.val_batches if n_val else 0, num_sanity_val_steps=0,
+        log_every_n_steps=recipe.trainer.log_every, callbacks=callbacks, logger=loggers,
+        enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
+        use_distributed_sampler=False, default_root_dir=out_dir)
+    if recipe.trainer.compile:
+        module.model.anchor = torch.compile(module.model.anchor)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    train_seconds = time.perf_counter() - t0
+    result: dict[str, Any] = {"out_dir": str(out_dir), "steps": trainer.global_step,
+                              "seconds": round(train_seconds, 1)}
+    if trainer.is_global_zero:
+        model_dir = save_model_dir(module.model, recipe, index_dir, out_dir / "model",
+                                   extra={"train": {"steps": trainer.global_step,
+                                                    "seconds": round(train_seconds, 1)}})
+        result["model_dir"] = str(model_dir)
+        if final_eval and n_val:
+            from ..eval.perplexity import heldout_perplexity
+
+            loaded = load_model_dir(model_dir, device=module.device)
+            ppl = heldout_perplexity(loaded, index_dir, batch_size=recipe.trainer.batch_size, progress=progress)
+            result["heldout_perplexity"] = ppl
+            table = Table(title=f"held-out perplexity ({n_val} sequences, {index_dir})")
+            table.add_column("memory")
+            table.add_column("perplexity", justify="right")
+            for mode, value in ppl.items():
+                table.add_row(mode, f"{value:.2f}")
+            console.print(table)
+        (out_dir / "fit_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    console.print(f"[bold]fit[/] done: {trainer.global_step} steps in {time.perf_counter() - t0:.1f} s -> "
+                  f"{result.get('model_dir', out_dir)}")
+    return result

@@ -1,0 +1,16 @@
+"""The exception types that mean "the user can fix this": the CLI prints them without a traceback (exit 2)."""
+from __future__ import annotations
+
+
+def _collect() -> tuple[type[BaseException], ...]:
+    from .config import RecipeError
+    from .data.corpus import CorpusError
+    from .export import ModelDirError
+    from .index import IndexError_
+    from .registry import PluginError
+    from .train.fit import FitError
+
+    return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, FileNotFoundError)
+
+
+USER_ERRORS = _collect()
