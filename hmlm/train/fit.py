@@ -55,6 +55,11 @@ def init_anchor_from(model, source: str) -> None:
     model.anchor.load_state_dict(state)
 
 
+def _checkpoint_step(path: Path) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt.get("global_step", 0))
+
+
 def last_checkpoint(out_dir: Path) -> Path | None:
     last = out_dir / "checkpoints" / "last.ckpt"
     return last if last.is_file() else None
@@ -95,7 +100,10 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
     callbacks: list[Any] = [ckpt_cb]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
-    loggers = [CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="tb")]
+    # a resumed segment logs beside the first one (Lightning's CSV writer would otherwise overwrite metrics.csv)
+    segment = "" if ckpt_path is None else f"resume-{_checkpoint_step(ckpt_path):06d}"
+    loggers = [CSVLogger(out_dir, name="logs", version=segment),
+               TensorBoardLogger(out_dir, name="logs", version=f"tb{('-' + segment) if segment else ''}")]
     n_val = len(SequenceShards(index_dir / "shards", "val"))
     trainer = L.Trainer(
         accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
