@@ -41,13 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .config import load_recipe, to_yaml
+    from .config import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.print_config:
-        console.print(to_yaml(recipe), markup=False, highlight=False, end="")
-        sys.exit(0)
-    return recipe
+    return load_recipe(args.recipe, args.overrides)
 
 
 def dry_run(recipe) -> None:
@@ -97,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             broken = print_plugins(console)
             return 1 if broken else 0
         recipe = _load(args)
+        if args.print_config:
+            from .config import to_yaml
+
+            print(to_yaml(recipe), end="")
+            return 0
         if args.command == "index":
             from .index import ensure_index
 
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             fit(recipe, resume=args.resume, console=console)
             return 0
     except USER_ERRORS as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -210,6 +210,7 @@ def _known_keys(dotted: str) -> list[str]:
 
 
 def _expected_type(dotted: str) -> str:
+    dotted = dotted.split("[", 1)[0]  # memory.sizes[1] -> the list's declared type
     parent, _, leaf = dotted.rpartition(".")
     node = _schema_node(parent)
     if node is None or not hasattr(node, "__dataclass_fields__") or leaf not in node.__dataclass_fields__:
@@ -230,15 +231,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         except Exception as exc:
             raise RecipeError(f"command line overrides {overrides}: {exc}") from None
         cfg = _merge_onto_schema(dot, cfg, f"{path} (command-line override)")
-    try:
-        OmegaConf.resolve(cfg)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise RecipeError(f"{path}: key `{missing[0]}` is missing: set it in the recipe or on the command "
-                              f"line ({missing[0]}=...)")
-        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise RecipeError(_explain(exc, str(path))) from None
+    recipe = _finalize(cfg, str(path))
     validate(recipe, str(path))
     return recipe
 
@@ -246,13 +239,29 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     """Build a validated recipe from a plain dict (tests, model.json round trips)."""
     cfg = _merge_onto_schema(OmegaConf.create(d), OmegaConf.structured(Recipe), source)
-    try:
-        OmegaConf.resolve(cfg)
-        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise RecipeError(_explain(exc, source)) from None
+    recipe = _finalize(cfg, source)
     validate(recipe, source)
     return recipe
+
+
+def _is_interpolation(cfg: DictConfig, dotted: str) -> bool:
+    parent, _, leaf = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+    return isinstance(node, DictConfig) and OmegaConf.is_interpolation(node, leaf)
+
+
+def _finalize(cfg: DictConfig, source: str) -> Recipe:
+    """Missing values first (before interpolations that depend on them), then resolve and convert."""
+    # keys that are themselves missing before keys that only interpolate a missing one (out_dir: runs/${name})
+    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda k: (_is_interpolation(cfg, k), k))
+    if missing:
+        raise RecipeError(f"{source}: key `{missing[0]}` is missing: set it in the recipe or on the command line "
+                          f"({missing[0]}=...)")
+    try:
+        OmegaConf.resolve(cfg)
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise RecipeError(_explain(exc, source)) from None
 
 
 def to_yaml(recipe: Recipe) -> str:

@@ -20,7 +20,9 @@ from torch import nn
 #   attn_o   added to the output projection's output (input: the concatenated head outputs)
 #   attn_kv  extra key/value slots: delta(q) with q [B, H, T, dh] (before RoPE) is added to the
 #            per-head attention output [B, H, T, dh] before the output projection
-MEMORY_SITES = ("ffn", "attn_q", "attn_k", "attn_v", "attn_o", "attn_kv")
+#   ffn_gate / ffn_up   added to the SwiGLU gate (w1) / up (w2) outputs (input: the FFN input, i.e. normed hidden)
+#   ffn_down added to the SwiGLU down projection's (w3) output (input: the SwiGLU hidden [B, T, ffn_dim])
+MEMORY_SITES = ("ffn", "attn_q", "attn_k", "attn_v", "attn_o", "attn_kv", "ffn_gate", "ffn_up", "ffn_down")
 
 
 @dataclass(frozen=True)

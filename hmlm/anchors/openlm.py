@@ -162,8 +162,13 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # up
         self.w3 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+    def forward(self, x: torch.Tensor, memory: MemoryContext | None = None, layer: int = 0) -> torch.Tensor:
+        if memory is None:
+            return self.w3(F.silu(self.w1(x)) * self.w2(x))
+        gate = _plus(self.w1(x), memory.delta("ffn_gate", layer, x))
+        up = _plus(self.w2(x), memory.delta("ffn_up", layer, x))
+        hidden = F.silu(gate) * up
+        return _plus(self.w3(hidden), memory.delta("ffn_down", layer, hidden))
 
 
 class Block(nn.Module):
@@ -179,7 +184,7 @@ class Block(nn.Module):
                 memory: MemoryContext | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, memory, self.layer)
         h = self.ffn_norm(x)
-        out = self.ffn(h)
+        out = self.ffn(h, memory, self.layer)
         if memory is not None:
             out = _plus(out, memory.delta("ffn", self.layer, h))
         return x + out

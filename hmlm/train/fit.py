@@ -6,13 +6,14 @@ trainer.ckpt_every steps, plus last.ckpt), `logs/` (CSV and TensorBoard) and the
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +25,7 @@ from ..index import ensure_index, read_index_meta
 from ..model import build_model
 from .datamodule import ShardDataModule
 from .module import HMLMModule
+from .progress import StepProgressBar, quiet_lightning_adverts
 
 
 class FitError(RuntimeError):
@@ -93,13 +95,22 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
                          num_workers=recipe.data.num_workers)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is None:
+        stale = [d for d in (out_dir / "checkpoints", out_dir / "logs") if d.exists()]
+        if stale:
+            # a fresh run must not mix its checkpoints/logs with an older run's (use --resume to continue that one)
+            console.print(f"[yellow]fit[/] starting a new run in {out_dir}: removing the previous run's "
+                          f"{', '.join(d.name for d in stale)} (pass --resume to continue it instead)")
+            for d in stale:
+                shutil.rmtree(d)
     (out_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
     ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step-{step:06d}", save_last=True,
                               every_n_train_steps=recipe.trainer.ckpt_every, save_top_k=-1,
                               auto_insert_metric_name=False)
     callbacks: list[Any] = [ckpt_cb]
     if progress:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
+    quiet_lightning_adverts()
     # a resumed segment logs beside the first one (Lightning's CSV writer would otherwise overwrite metrics.csv)
     segment = "" if ckpt_path is None else f"resume-{_checkpoint_step(ckpt_path):06d}"
     loggers = [CSVLogger(out_dir, name="logs", version=segment),
