@@ -37,6 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="rebuild even if the index directory exists")
 
     sub.add_parser("plugins", help="list installed anchors, memories, routers, embedders and stores")
+
+    p = sub.add_parser("eval", help="lm-eval tasks per memory mode and training-frequency bucket; JSON + plots")
+    p.add_argument("--model", action="append", required=True, metavar="DIR", help="model directory (repeatable)")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or tags (default: the hmlm "
+                   "fact tasks and hmlm_heldout_lastword; see evals/tasks)")
+    p.add_argument("--memory", default="fetched,generic,none",
+                   help="comma-separated modes: fetched, generic, none, blocked:<level>:<node>")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", default=None, help="output folder (default: <first model dir>/../eval)")
+    p.add_argument("--buckets", default="0,1,10,100,1000", help="lower edges of the frequency buckets")
+    p.add_argument("--bucket-source", default="auto", choices=("auto", "recorded", "corpus"),
+                   help="recorded repeat counts of injected facts, or entity counts in the training corpus")
+    p.add_argument("--ambiguous", default="", help="extra comma-separated words to flag as ambiguous entities")
+    p.add_argument("--include-path", default=None, help="task folder (default: evals/tasks)")
+    p.add_argument("--max-gen-toks", type=int, default=32)
+    p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity per leaf")
+
+    p = sub.add_parser("bench", help="benchmarks (results go to stdout and --out; see docs/benchmarks.md)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("train", help="training-step throughput and MFU, anchor alone vs with memory")
+    _recipe_args(b)
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     return parser
 
 
@@ -80,6 +107,23 @@ def _vocab_for(recipe) -> int:
     return padded_vocab_size(recipe.data.tokenizer.vocab_size)
 
 
+def _bench(args, recipe) -> int:
+    from rich.table import Table
+
+    from .bench.train_step import run_bench
+
+    rows = run_bench(recipe, vocab_size=_vocab_for(recipe), stores=[s for s in args.stores.split(",") if s],
+                     steps=args.steps, warmup=args.warmup, out=args.out)
+    table = Table(title=f"training step, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
+    for col in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu",
+                                             "ratio_vs_anchor", "peak_mem_gib")))
+    console.print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -92,12 +136,19 @@ def main(argv: list[str] | None = None) -> int:
 
             broken = print_plugins(console)
             return 1 if broken else 0
+        if args.command == "eval":
+            from .eval.report import eval_from_args
+
+            eval_from_args(args, console)
+            return 0
         recipe = _load(args)
         if args.print_config:
             from .config import to_yaml
 
             print(to_yaml(recipe), end="")
             return 0
+        if args.command == "bench":
+            return _bench(args, recipe)
         if args.command == "index":
             from .index import ensure_index
 

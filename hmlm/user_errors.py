@@ -5,12 +5,14 @@ from __future__ import annotations
 def _collect() -> tuple[type[BaseException], ...]:
     from .config import RecipeError
     from .data.corpus import CorpusError
+    from .eval import EvalError
     from .export import ModelDirError
     from .index import IndexError_
     from .registry import PluginError
     from .train.fit import FitError
 
-    return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, FileNotFoundError)
+    return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, EvalError,
+            FileNotFoundError)
 
 
 USER_ERRORS = _collect()

@@ -57,6 +57,12 @@ def init_anchor_from(model, source: str) -> None:
     model.anchor.load_state_dict(state)
 
 
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
 def _checkpoint_step(path: Path) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return int(ckpt.get("global_step", 0))
@@ -113,8 +119,11 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
     quiet_lightning_adverts()
     # a resumed segment logs beside the first one (Lightning's CSV writer would otherwise overwrite metrics.csv)
     segment = "" if ckpt_path is None else f"resume-{_checkpoint_step(ckpt_path):06d}"
-    loggers = [CSVLogger(out_dir, name="logs", version=segment),
-               TensorBoardLogger(out_dir, name="logs", version=f"tb{('-' + segment) if segment else ''}")]
+    loggers: list[Any] = [CSVLogger(out_dir, name="logs", version=segment)]
+    if _tensorboard_available():
+        loggers.append(TensorBoardLogger(out_dir, name="logs", version=f"tb{('-' + segment) if segment else ''}"))
+    else:
+        console.print("[yellow]fit[/] tensorboard is not installed: logging to CSV only (pip install tensorboard)")
     n_val = len(SequenceShards(index_dir / "shards", "val"))
     trainer = L.Trainer(
         accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,

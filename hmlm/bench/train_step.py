@@ -1,0 +1,140 @@
+"""`hmlm bench train`: training-step throughput of a recipe's model, with and without memory, in one process.
+
+Synthetic token batches and uniformly random tree paths (the worst case for block reuse) drive the real training
+step: forward with per-sample fetched memory, backward, anchor AdamW (fused on CUDA), lazy bank AdamW. The baseline
+(the anchor alone) is measured in the same run, so the ratio is meaningful on any machine.
+
+MFU counts model FLOPs only (PaLM appendix B): 6·N per token for the N matmul parameters a token passes through
+(anchor without the embedding lookup, plus the fetched memory) and 12·L·T·h·d_h for attention.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Recipe
+from ..model import MemoryLM, build_anchor, build_layout, build_store
+
+# dense bf16 peak (TFLOP/s) by device name; used for MFU
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    anchor = model.anchor
+    shape = anchor.shape
+    n = sum(p.numel() for name, p in anchor.named_parameters() if "tok_emb" not in name)
+    if anchor.config.tied_embeddings:
+        n += anchor.config.vocab_size * shape.d_model  # the tied head is still a matmul
+    fetched = model.layout.fetched_params() if model.layout is not None else 0
+    return 6.0 * (n + fetched) + 12.0 * shape.n_layers * seq_len * shape.attn_dim
+
+
+def _step(model, opt, batch, *, train_memory: bool, lr_memory: float, device) -> None:
+    ids, paths = batch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    with autocast:
+        logits = model(ids[:, :-1], paths=paths, memory="fetched" if train_memory else "none",
+                       grad_memory=train_memory)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.anchor.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if train_memory:
+        model.store.step(lr=lr_memory, weight_decay=1e-3, grad_clip=1.0)
+
+
+def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
+            device: torch.device) -> dict[str, Any]:
+    """Tokens/s of one configuration; store=None measures the anchor alone."""
+    if store is None:
+        recipe = replace(recipe, trainer=replace(recipe.trainer, mode="anchor"))
+    else:
+        recipe = replace(recipe, memory=replace(recipe.memory, store=store),
+                         trainer=replace(recipe.trainer, mode="cotrain"))
+    torch.manual_seed(recipe.seed)
+    anchor = build_anchor(recipe, vocab_size)
+    layout = build_layout(recipe, anchor)
+    # block values do not change the cost of a step, so skip initialising a multi-billion bank on the CPU
+    model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False)).to(device)
+    if model.store is not None:
+        model.store.to_compute(device)
+    opt = torch.optim.AdamW(model.anchor.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda")
+    b, t = recipe.trainer.batch_size, recipe.data.seq_len
+    gen = torch.Generator().manual_seed(recipe.seed)
+    levels = recipe.index.router.levels
+    k = recipe.index.router.branching
+
+    def batch():
+        ids = torch.randint(0, vocab_size, (b, t + 1), generator=gen).to(device)
+        paths = torch.stack([torch.randint(0, k ** (l + 1), (b,), generator=gen) for l in range(levels)], 1)
+        return ids, paths
+
+    train_memory = model.store is not None
+    for _ in range(warmup):
+        _step(model, opt, batch(), train_memory=train_memory, lr_memory=1e-4, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = [batch() for _ in range(steps)]
+    t0 = time.perf_counter()
+    for bt in batches:
+        _step(model, opt, bt, train_memory=train_memory, lr_memory=1e-4, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    tokens = steps * b * t
+    tps = tokens / seconds
+    peak = peak_flops(device)
+    fpt = flops_per_token(model, t)
+    out = {
+        "config": "anchor only" if store is None else f"anchor + memory ({store} store)",
+        "batch": b, "seq_len": t, "steps": steps,
+        "step_ms": round(1000 * seconds / steps, 2),
+        "tokens_per_s": round(tps, 1),
+        "tflops_per_s": round(tps * fpt / 1e12, 2),
+        "mfu": round(tps * fpt / peak, 4) if peak else None,
+        "anchor_params": sum(p.numel() for p in model.anchor.parameters()),
+        "fetched_params": model.layout.fetched_params() if model.layout else 0,
+        "bank_params": model.layout.bank_params() if model.layout else 0,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
+    }
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
+              out: Path | None = None) -> list[dict[str, Any]]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = [measure(recipe, vocab_size=vocab_size, store=None, steps=steps, warmup=warmup, device=device)]
+    for store in stores:
+        rows.append(measure(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device))
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3)
+        row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return rows

@@ -1,0 +1,323 @@
+"""The lm-eval adapter: `lm_eval.api.model.TemplateLM` over a model directory, registered as model `hmlm`.
+
+Every request is routed through the model's own tree before it is scored, with the retrieval key of the paper
+(paper-notes §5.2):
+
+    multiple choice   the question: all choices of a document share one context, and that context is the key
+    LM tasks          the context (one request per document)
+    schema tasks      the text shared by all choices: the common prefix of the contexts plus the shared continuation
+                      (Winograd-style tasks put the choice into the context and score the same continuation)
+    rolling ppl       the full document
+    generation        the prompt; the memory is fetched once per request and kept for every generated token
+
+Requests are sorted by tree path and batched, so requests that share a path share a batch and its blocks.
+
+Memory modes (model argument `memory`):
+    fetched                 the blocks on the request's own path (default)
+    generic                 the single context-free generic block
+    none                    the anchor alone
+    blocked:<level>:<node>  route with that node's subtree masked: descent falls back to the nearest unblocked
+                            sibling (the paper's knowledge-removal test). Levels count from 1 as in the paper
+                            (level 1 = the k children of the root); node is the level's global id, as in
+                            documents.jsonl's `path[level-1]`. Several nodes: blocked:1:3+2:17.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from . import EvalError
+from ..export import LoadedModel, load_model_dir
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """A parsed `memory` argument. `blocked` holds (level, node) pairs with 0-based levels (the router's)."""
+
+    mode: str                                   # fetched | generic | none | blocked
+    blocked: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def model_mode(self) -> str:
+        return "fetched" if self.mode == "blocked" else self.mode
+
+    @property
+    def needs_routing(self) -> bool:
+        return self.model_mode == "fetched"
+
+
+def parse_memory(spec: str, *, levels: int, branching: int) -> MemorySpec:
+    spec = str(spec).strip()
+    if spec in ("fetched", "generic", "none"):
+        return MemorySpec(spec)
+    if not spec.startswith("blocked:"):
+        raise EvalError(f"memory={spec!r}: expected fetched, generic, none or blocked:<level>:<node>")
+    pairs = []
+    for part in spec[len("blocked:"):].split("+"):
+        try:
+            level, node = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise EvalError(f"memory={spec!r}: each blocked node is <level>:<node> with integers, "
+                            f"got {part!r}") from None
+        if not 1 <= level <= levels:
+            raise EvalError(f"memory={spec!r}: level {level} is outside the tree (levels are 1..{levels})")
+        if not 0 <= node < branching ** level:
+            raise EvalError(f"memory={spec!r}: level {level} has nodes 0..{branching ** level - 1}, got {node}")
+        pairs.append((level - 1, node))
+    return MemorySpec("blocked", tuple(pairs))
+
+
+def _word_prefix(texts: Sequence[str]) -> str:
+    prefix = os.path.commonprefix(list(texts))
+    if all(len(t) == len(prefix) or t[len(prefix)].isspace() for t in texts) or prefix[-1:].isspace():
+        return prefix
+    cut = max(prefix.rfind(" "), prefix.rfind("\n"))   # a shared word stem is not shared text
+    return prefix[:cut + 1] if cut >= 0 else ""
+
+
+def retrieval_keys(requests: Sequence[Any]) -> list[str]:
+    """The retrieval key of each loglikelihood request. The requests of one document (same task and doc_id) are
+    its choices: one shared context -> that context (multiple choice, LM); differing contexts -> the text they
+    share (schema). Requests without a doc_id (plain use outside lm-eval) are keyed by their own context."""
+    groups: dict[tuple, list[int]] = {}
+    for i, req in enumerate(requests):
+        doc_id = getattr(req, "doc_id", None)
+        key = (getattr(req, "task_name", None), doc_id) if doc_id is not None else ("#", i)
+        groups.setdefault(key, []).append(i)
+    keys = [""] * len(requests)
+    for idx in groups.values():
+        contexts = [_args(requests[i])[0] for i in idx]
+        conts = [_args(requests[i])[1] for i in idx]
+        if len(set(contexts)) == 1:
+            key = contexts[0]
+        else:
+            shared = _word_prefix(contexts).strip()
+            tail = conts[0].strip() if len(set(conts)) == 1 else _word_prefix(conts).strip()
+            key = f"{shared} {tail}".strip()
+        if not key.strip():
+            key = contexts[0] + conts[0]   # nothing shared: the whole first request
+        for i in idx:
+            keys[i] = key
+    return keys
+
+
+def _args(req: Any) -> tuple:
+    return req.args if hasattr(req, "args") else tuple(req)
+
+
+@register_model("hmlm")
+class HMLMEvalLM(TemplateLM):
+    """lm-eval model `hmlm`: `--model_args path=DIR,memory=fetched[,batch_size=32,device=cpu,max_gen_toks=32]`."""
+
+    def __init__(self, path: str | None = None, memory: str = "fetched", batch_size: int | str | None = None,
+                 device: str | None = None, max_gen_toks: int = 32, max_length: int | None = None,
+                 verify: bool | str = True, loaded: LoadedModel | None = None, max_batch_size: int | None = None,
+                 **unknown: Any):
+        super().__init__()
+        if unknown:
+            raise EvalError(f"hmlm model_args: unknown argument(s) {', '.join(sorted(unknown))}; known: path, "
+                            "memory, batch_size, device, max_gen_toks, max_length, verify")
+        if (path is None) == (loaded is None):
+            raise EvalError("hmlm model_args: give exactly one of path=<model dir> or loaded=<LoadedModel>")
+        if loaded is None:
+            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            loaded = load_model_dir(path, device=dev, verify=str(verify).lower() not in ("false", "0", "no"))
+        elif device is not None:
+            loaded.to(device)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer_ = loaded.tokenizer
+        rc = loaded.recipe.index.router
+        self.memory = parse_memory(memory, levels=rc.levels, branching=rc.branching)
+        if self.memory.model_mode != "none" and self.model.store is None:
+            raise EvalError(f"memory={memory}: {loaded.path} has no memory bank (trained in anchor mode); "
+                            "use memory=none")
+        if self.memory.mode == "generic" and not self.model.store.has_generic:
+            raise EvalError(f"memory=generic: {loaded.path} was trained without a generic block "
+                            "(memory.generic: false)")
+        bs = batch_size if batch_size not in (None, "auto") else DEFAULT_BATCH_SIZE
+        self.batch_size = int(str(bs).split(":")[0]) if not isinstance(bs, int) else bs
+        self.max_gen_toks = int(max_gen_toks)
+        self.max_length = int(max_length or loaded.recipe.data.seq_len)
+        self._device = loaded.device
+        self.levels = rc.levels
+
+    # ---- lm-eval plumbing ------------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer_.eos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer_.encode(string)
+
+    def tok_decode(self, tokens: Iterable[int]) -> str:
+        return self.tokenizer_.decode(tokens, skip_special_tokens=True)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"hmlm-{self.tokenizer_.kind}-{self.tokenizer_.vocab_size}"
+
+    # ---- routing ---------------------------------------------------------------------------------
+
+    def route_keys(self, keys: Sequence[str]) -> torch.Tensor:
+        """Tree paths [N, levels] for retrieval keys under this memory mode (zeros when no routing is needed)."""
+        if not self.memory.needs_routing:
+            return torch.zeros(len(keys), self.levels, dtype=torch.long)
+        unique = sorted(set(keys))
+        if not unique:
+            return torch.zeros(0, self.levels, dtype=torch.long)
+        paths = self.loaded.route(unique, blocked=self.memory.blocked)
+        where = {k: i for i, k in enumerate(unique)}
+        return paths[[where[k] for k in keys]]
+
+    def _order(self, paths: torch.Tensor, lengths: Sequence[int]) -> list[int]:
+        # by path first (a batch shares blocks), then longest first (little padding, early OOM)
+        return sorted(range(len(lengths)), key=lambda i: (tuple(paths[i].tolist()), -lengths[i], i))
+
+    def _autocast(self):
+        if self._device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    # ---- scoring ---------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        keys = retrieval_keys(requests)
+        pairs = []
+        for req in requests:
+            context, continuation = _args(req)
+            if context == "":
+                cont = self.tok_encode(continuation)
+                pairs.append(([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id]
+                             else (cont[:1], cont[1:]))
+            else:
+                pairs.append(self._encode_pair(context, continuation))
+        return self.score_tokens(self.route_keys(keys), pairs)
+
+    def _loglikelihood_tokens(self, requests, **kwargs: Any) -> list[tuple[float, bool]]:
+        # TemplateLM's entry point when called without Instances: key each request by its context
+        keys = [ctx for (ctx, _), _, _ in requests]
+        return self.score_tokens(self.route_keys(keys), [(c, t) for _, c, t in requests])
+
+    @torch.no_grad()
+    def score_tokens(self, paths: torch.Tensor, pairs: Sequence[tuple[list[int], list[int]]]
+                     ) -> list[tuple[float, bool]]:
+        """(sum log p(continuation | context), continuation is the greedy decode) per (context, continuation)
+        token pair, with the memory on each pair's path."""
+        seqs = []
+        for ctx, cont in pairs:
+            if not cont:
+                seqs.append(([], 0))
+                continue
+            full = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            seqs.append((full, min(len(cont), len(full) - 1)))
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        order = [i for i in self._order(paths, [len(s) for s, _ in seqs]) if seqs[i][1] > 0]
+        pad = self.tokenizer_.pad_id
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            width = max(len(seqs[i][0]) - 1 for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            for row, i in enumerate(idx):
+                inp = seqs[i][0][:-1]
+                ids[row, :len(inp)] = torch.tensor(inp)
+            with self._autocast():
+                logits = self.model(ids.to(self._device), paths=paths[idx].to(self._device),
+                                    memory=self.memory.model_mode)
+            logp = F.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(idx):
+                full, n_cont = seqs[i]
+                n = len(full) - 1
+                target = torch.tensor(full[-n_cont:], device=logp.device)
+                lp = logp[row, n - n_cont:n]
+                out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        texts = [_args(req)[0] for req in requests]
+        paths = self.route_keys(texts)               # the full document is the key
+        owners, pairs = [], []
+        for i, text in enumerate(texts):
+            windows = get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                                                max_seq_len=self.max_length, context_len=1)
+            for ctx, cont in map(make_disjoint_window, windows):
+                owners.append(i)
+                pairs.append((ctx, cont))
+        scores = self.score_tokens(paths[owners] if owners else paths[:0], pairs)
+        totals = [0.0] * len(texts)
+        for i, (ll, _) in zip(owners, scores):
+            totals[i] += ll
+        return totals
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy decoding without a KV cache (the anchor has none): each step recomputes the batch, with the
+        memory fetched once per request from the prompt's path."""
+        contexts, stops, limits = [], [], []
+        for req in requests:
+            context, kwargs = _args(req)
+            kwargs = dict(kwargs or {})
+            if kwargs.get("do_sample"):
+                raise EvalError("hmlm decodes greedily; set generation_kwargs do_sample: false for this task")
+            until = kwargs.get("until") or []
+            stops.append([until] if isinstance(until, str) else list(until))
+            limits.append(int(kwargs.get("max_gen_toks", self.max_gen_toks)))
+            contexts.append(context)
+        paths = self.route_keys(contexts)
+        prompts = [self.tok_encode(c)[-max(1, self.max_length - n):] or [self.prefix_token_id]
+                   for c, n in zip(contexts, limits)]
+        out = [""] * len(requests)
+        order = self._order(paths, [len(p) for p in prompts])
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            texts = self._generate_batch([prompts[i] for i in idx], paths[idx], [stops[i] for i in idx],
+                                         [limits[i] for i in idx])
+            for i, text in zip(idx, texts):
+                out[i] = text
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], paths: torch.Tensor, stops: list[list[str]],
+                        limits: list[int]) -> list[str]:
+        memory = self.model.memory_context(paths.to(self._device), self.memory.model_mode)
+        rows = [list(p) for p in prompts]
+        generated: list[list[int]] = [[] for _ in rows]
+        texts = [""] * len(rows)
+        done = [limit <= 0 for limit in limits]
+        pad, eos = self.tokenizer_.pad_id, self.tokenizer_.eos_id
+        while not all(done):
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, :len(r)] = torch.tensor(r)
+            with self._autocast():
+                logits = self.model.anchor(ids.to(self._device), memory=memory)
+            last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+            nxt = logits[torch.arange(len(rows), device=logits.device), last].argmax(-1).tolist()
+            for j, tok in enumerate(nxt):
+                if done[j]:
+                    continue
+                if tok == eos:
+                    done[j] = True
+                    continue
+                rows[j].append(tok)
+                generated[j].append(tok)
+                texts[j] = self.tok_decode(generated[j])
+                hit = [texts[j].find(s) for s in stops[j] if s and s in texts[j]]
+                if hit:
+                    texts[j] = texts[j][:min(hit)]
+                    done[j] = True
+                elif len(generated[j]) >= limits[j]:
+                    done[j] = True
+        return texts

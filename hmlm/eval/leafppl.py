@@ -1,0 +1,78 @@
+"""Held-out perplexity per leaf node, against how much training text the leaf received.
+
+Each held-out sequence is packed within one leaf and carries that leaf's path (the documents' own retrieval key,
+the full document), so its loss tells how well the memory on that path serves new text from the same cluster.
+Leaves are binned by the training tokens routed to them (node_stats.safetensors): decades 1-9, 10-99, ...
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file
+from torch.utils.data import DataLoader
+
+from ..data.packing import SequenceShards
+
+
+def _human(n: int) -> str:
+    for unit, div in (("M", 10**6), ("k", 10**3)):
+        if n >= div:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
+def decade_bin(tokens: int) -> str:
+    if tokens <= 0:
+        return "0"
+    lo = 10 ** int(math.floor(math.log10(tokens)))
+    return f"{_human(lo)}-{_human(lo * 10 - 1) if lo < 1000 else _human(lo * 10)}"
+
+
+@torch.no_grad()
+def perplexity_by_leaf(loaded, index_dir: Path, *, modes: Sequence[str], batch_size: int = 16,
+                       split: str = "val") -> dict:
+    """{"overall": {mode: ppl}, "tokens": n, "bins": [{"bin", "train_tokens_min", "leaves", "tokens", "ppl": {mode}}],
+    "leaves": [{"leaf", "train_tokens", "tokens", "ppl": {mode}}]} over the index's `split` sequences."""
+    index_dir = Path(index_dir)
+    data = SequenceShards(index_dir / "shards", split)
+    levels = data.levels
+    stats = load_file(str(index_dir / "node_stats.safetensors"))
+    train_tokens = stats[f"level{levels}_tokens"]
+    use_doc_ids = loaded.recipe.data.doc_mask
+    device = loaded.device
+    nll: dict[str, dict[int, float]] = {m: {} for m in modes}
+    count: dict[int, int] = {}
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"]
+        leaves = batch["path"][:, -1].tolist()
+        n_tok = (labels != -100).sum(1).tolist()
+        for leaf, n in zip(leaves, n_tok):
+            count[leaf] = count.get(leaf, 0) + n
+        for mode in modes:
+            logits = loaded.model(batch["input_ids"], paths=batch["path"], memory=mode,
+                                  doc_ids=batch["doc_ids"] if use_doc_ids else None)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            for leaf, value in zip(leaves, loss.sum(1).tolist()):
+                nll[mode][leaf] = nll[mode].get(leaf, 0.0) + value
+    total = max(sum(count.values()), 1)
+
+    def ppl(mode: str, leaves: list[int]) -> float:
+        n = sum(count[leaf] for leaf in leaves)
+        return math.exp(sum(nll[mode][leaf] for leaf in leaves) / max(n, 1))
+
+    leaf_rows = [{"leaf": leaf, "train_tokens": int(train_tokens[leaf]), "tokens": count[leaf],
+                  "ppl": {m: ppl(m, [leaf]) for m in modes}} for leaf in sorted(count)]
+    bins: dict[str, list[int]] = {}
+    for row in sorted(leaf_rows, key=lambda r: r["train_tokens"]):
+        bins.setdefault(decade_bin(row["train_tokens"]), []).append(row["leaf"])
+    bin_rows = [{"bin": label, "train_tokens_min": int(np.min([train_tokens[x] for x in leaves])),
+                 "leaves": len(leaves), "tokens": sum(count[x] for x in leaves),
+                 "ppl": {m: ppl(m, leaves) for m in modes}} for label, leaves in bins.items()]
+    overall = {m: math.exp(sum(nll[m].values()) / total) for m in modes}
+    return {"split": split, "tokens": total, "overall": overall, "bins": bin_rows, "leaves": leaf_rows}

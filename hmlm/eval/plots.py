@@ -1,0 +1,93 @@
+"""PNG plots of an eval report (matplotlib, Agg backend: no display needed), written atomically.
+
+accuracy_by_bucket.png             accuracy per training-frequency bucket, one panel per fact task plus all facts
+                                   pooled, one line per model and memory mode (the paper's Figure 1)
+perplexity_by_leaf_frequency.png   held-out perplexity per bin of leaf training tokens, one line per model and mode
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {"fetched": "-", "generic": "--", "none": ":"}
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_bucket_accuracy(report: dict, path: Path) -> None:
+    labels = report["buckets"]
+    panels: dict[str, dict[tuple[str, str], list]] = {}
+    pooled: dict[tuple[str, str], list[list[float]]] = {}
+    for model in report["models"]:
+        for mode, m in model["modes"].items():
+            for task, r in m["tasks"].items():
+                if not r["buckets"]:
+                    continue
+                panels.setdefault(task, {})[(model["label"], mode)] = [r["buckets"][b]["acc"] for b in labels]
+                acc = pooled.setdefault((model["label"], mode), [[] for _ in labels])
+                for row in r["items"]:
+                    if "correct" in row:
+                        acc[labels.index(row["bucket"])].append(row["correct"])
+    if len(panels) > 1:
+        panels["all facts"] = {k: [sum(v) / len(v) if v else None for v in lists] for k, lists in pooled.items()}
+    n = max(len(panels), 1)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (task, lines) in zip(axes.flat, panels.items()):
+        for (label, mode), values in lines.items():
+            ys = [float("nan") if v is None else 100 * v for v in values]
+            ax.plot(range(len(labels)), ys, STYLE.get(mode, "-."), marker="o", label=f"{label} / {mode}")
+        ax.set_title(task, fontsize=10)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("training frequency of the entity")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if not panels:
+        axes.flat[0].text(0.5, 0.5, "no fact tasks evaluated", ha="center", va="center")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(names) / 4)))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_leaf_perplexity(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # models have their own leaves: put every model's bins on one axis ordered by training tokens
+    order: dict[str, int] = {}
+    for model in report["models"]:
+        for b in (model.get("perplexity") or {}).get("bins", []):
+            order[b["bin"]] = min(order.get(b["bin"], b["train_tokens_min"]), b["train_tokens_min"])
+    xs = {label: i for i, label in enumerate(sorted(order, key=order.get))}
+    for model in report["models"]:
+        ppl = model.get("perplexity")
+        if not ppl:
+            continue
+        for mode in ppl["overall"]:
+            ax.plot([xs[b["bin"]] for b in ppl["bins"]], [b["ppl"][mode] for b in ppl["bins"]],
+                    STYLE.get(mode, "-."), marker="o", label=f"{model['label']} / {mode}")
+    ax.set_xticks(range(len(xs)), list(xs), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens routed to the leaf")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("held-out perplexity by leaf training frequency", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

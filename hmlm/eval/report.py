@@ -1,0 +1,272 @@
+"""`hmlm eval`: lm-eval tasks x models x memory modes, accuracy per training-frequency bucket, JSON and PNG plots.
+
+For every model directory and memory mode the tasks run through lm-eval's own `simple_evaluate` with the `hmlm`
+adapter (samples logged); each sample of a fact task is then placed in a frequency bucket by counting its
+entity in that model's training corpus (hmlm.eval.buckets). Common-knowledge (CK) and specific-knowledge (SK)
+averages follow the paper's split: our tasks declare it in their metadata, the paper's 13 benchmarks are known
+by name. Held-out perplexity uses the index's validation sequences with their stored paths (per-document
+retrieval) and is also reported per leaf, against the leaf's training frequency.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from . import EvalError
+from .buckets import DEFAULT_EDGES, FrequencyCounter, bucket_labels, bucket_of
+from .tasks import DEFAULT_TASKS, ensure_task_dir
+
+# the paper's benchmarks (App. B) by their lm-eval names, for CK/SK averages of tasks without our metadata
+PAPER_GROUPS = {"lambada_openai": "CK", "boolq": "CK", "squad_completion": "CK", "wsc273": "CK",
+                "winogrande": "CK", "coqa": "CK", "hellaswag": "SK", "arc_easy": "SK", "arc_challenge": "SK",
+                "triviaqa": "SK", "piqa": "SK", "openbookqa": "SK", "nq_open": "SK"}
+ACCURACY_METRICS = ("acc", "exact_match", "acc_norm", "em", "f1")
+
+
+@dataclass
+class EvalOptions:
+    models: list[str]
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    memory: list[str] = field(default_factory=lambda: ["fetched", "generic", "none"])
+    limit: int | None = None
+    batch_size: int = 32
+    device: str | None = None
+    out: str | None = None
+    edges: tuple[int, ...] = DEFAULT_EDGES
+    include_path: str | None = None
+    bucket_source: str = "auto"
+    ambiguous: tuple[str, ...] = ()
+    perplexity: bool = True
+    max_gen_toks: int = 32
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+    """lm-eval's TaskManager over the hmlm task folder (plus lm-eval's own tasks only if one is asked for)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    folder = ensure_task_dir(include_path)
+    ours = {p.stem for p in folder.glob("*.yaml")} | {"hmlm_sk", "hmlm_ck", "hmlm_facts", "hmlm_facts_qa"}
+    return TaskManager(include_path=str(folder), include_defaults=any(t not in ours for t in tasks))
+
+
+def _primary_metric(sample: dict, config: dict) -> str | None:
+    names = [m["metric"] for m in config.get("metric_list") or [] if isinstance(m.get("metric"), str)]
+    for name in list(ACCURACY_METRICS) + names:
+        if name in sample and isinstance(sample[name], (int, float)):
+            return name
+    return None
+
+
+def _knowledge(task: str, config: dict) -> str | None:
+    return (config.get("metadata") or {}).get("knowledge") or PAPER_GROUPS.get(task)
+
+
+def evaluate_modes(loaded, tasks: Sequence[str], modes: Sequence[str], manager, *, limit: int | None = None,
+                   batch_size: int = 32, counter: FrequencyCounter | None = None,
+                   edges: Sequence[int] = DEFAULT_EDGES, max_gen_toks: int = 32) -> dict[str, dict]:
+    """{mode: {task: result}} for one loaded model; the core shared by `hmlm eval` and the training callback.
+    A result has the task's CK/SK group, its accuracy metric, n, per-bucket accuracy and one row per item."""
+    import lm_eval
+
+    from .adapter import HMLMEvalLM
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    out: dict[str, dict] = {}
+    for mode in modes:
+        lm = HMLMEvalLM(loaded=loaded, memory=mode, batch_size=batch_size, max_gen_toks=max_gen_toks)
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+        except KeyError as exc:
+            raise EvalError(f"--tasks: unknown task {exc}; hmlm tasks are in {ensure_task_dir()}") from None
+        assert res is not None
+        out[mode] = {task: _task_result(task, res, counter, edges) for task in res["samples"]}
+    return out
+
+
+def _task_result(task: str, res: dict, counter: FrequencyCounter | None, edges: Sequence[int]) -> dict:
+    config = res["configs"].get(task, {})
+    samples = res["samples"][task]
+    metric = _primary_metric(samples[0], config) if samples else None
+    labels = bucket_labels(edges)
+    has_entity = bool(samples) and all("entity_key" in s["doc"] for s in samples) and counter is not None
+    if has_entity:
+        counter.prepare([s["doc"] for s in samples])
+    items, per_bucket = [], {b: [] for b in labels}
+    for s in samples:
+        row: dict[str, Any] = {"doc_id": s["doc_id"]}
+        if metric is not None:
+            row["correct"] = float(s[metric])
+        if s.get("filtered_resps") and isinstance(s["filtered_resps"][0], str):
+            row["response"] = s["filtered_resps"][0][:80]
+        if has_entity:
+            count, source = counter.count(s["doc"])
+            row.update(entity=s["doc"]["entity"], count=count, count_source=source, bucket=bucket_of(count, edges),
+                       flags=counter.flags(s["doc"]))
+            if metric is not None:
+                per_bucket[row["bucket"]].append(row["correct"])
+        items.append(row)
+    metrics = {k.split(",")[0]: v for k, v in res["results"].get(task, {}).items()
+               if "," in k and "stderr" not in k and isinstance(v, (int, float))}
+    return {
+        "knowledge": _knowledge(task, config), "metric": metric, "n": len(samples),
+        "value": metrics.get(metric) if metric else None, "metrics": metrics,
+        "buckets": {b: {"n": len(v), "acc": (sum(v) / len(v)) if v else None} for b, v in per_bucket.items()}
+        if has_entity else None,
+        "flagged": sorted({row["entity"] for row in items if row.get("flags")}) if has_entity else [],
+        "items": items,
+    }
+
+
+def averages(task_results: dict[str, dict]) -> dict[str, float | None]:
+    """Avg-CK / Avg-SK: the mean accuracy of the tasks of each group (tasks without an accuracy metric skipped)."""
+    out: dict[str, float | None] = {}
+    for group in ("CK", "SK"):
+        vals = [r["value"] for r in task_results.values()
+                if r["knowledge"] == group and r["metric"] in ACCURACY_METRICS and r["value"] is not None]
+        out[group] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    names = [p.parent.name if p.name == "model" else p.name for p in paths]
+    return [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
+
+
+def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
+    """Evaluate every model x memory mode, print the tables, write report.json and the plots; return the report."""
+    from ..export import load_model_dir
+    from .adapter import parse_memory
+    from .leafppl import perplexity_by_leaf
+    from .perplexity import available_modes
+
+    console = console or Console()
+    t0 = time.perf_counter()
+    if not opts.models:
+        raise EvalError("hmlm eval: give at least one --model DIR")
+    if not opts.tasks:
+        raise EvalError("hmlm eval: --tasks is empty")
+    paths = [Path(m) for m in opts.models]
+    out_dir = Path(opts.out) if opts.out else paths[0].resolve().parent / "eval"
+    manager = task_manager(opts.tasks, opts.include_path)
+    device = opts.device or ("cuda" if _cuda() else "cpu")
+    report: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "options": asdict(opts),
+                              "buckets": bucket_labels(opts.edges), "models": []}
+    for path, label in zip(paths, _labels(paths)):
+        loaded = load_model_dir(path, device=device)
+        rc = loaded.recipe.index.router
+        have = set(available_modes(loaded))
+        modes, skipped = [], {}
+        for m in opts.memory:
+            spec = parse_memory(m, levels=rc.levels, branching=rc.branching)
+            if spec.model_mode not in have:
+                skipped[m] = ("no memory bank" if loaded.model.store is None
+                              else "trained without a generic block")
+            else:
+                modes.append(m)
+        counter = FrequencyCounter.for_model(loaded.meta, source=opts.bucket_source, ambiguous=opts.ambiguous)
+        console.print(f"[bold]eval[/] {label} ({path}): memory {', '.join(modes) or '-'} on "
+                      f"{', '.join(opts.tasks)}" + (f" (skipped: {skipped})" if skipped else ""))
+        results = evaluate_modes(loaded, opts.tasks, modes, manager, limit=opts.limit, batch_size=opts.batch_size,
+                                 counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks)
+        entry: dict[str, Any] = {"label": label, "path": str(path), "skipped": skipped,
+                                 "modes": {m: {"tasks": r, "averages": averages(r)} for m, r in results.items()}}
+        index_dir = Path((loaded.meta.get("index") or {}).get("dir", ""))
+        plain = [m for m in modes if m in have]
+        if opts.perplexity and plain and (index_dir / "node_stats.safetensors").is_file():
+            if _has_split(index_dir, "val"):
+                entry["perplexity"] = perplexity_by_leaf(loaded, index_dir, modes=plain, batch_size=opts.batch_size)
+        report["models"].append(entry)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["files"] = write_report(report, out_dir)
+    print_report(report, console)
+    console.print(f"[bold]eval[/] wrote {', '.join(report['files'].values())} ({report['seconds']} s)")
+    return report
+
+
+def _has_split(index_dir: Path, split: str) -> bool:
+    return any((index_dir / "shards").glob(f"{split}-*.safetensors"))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def print_report(report: dict, console: Console) -> None:
+    labels = report["buckets"]
+    table = Table(title="accuracy (%) by training frequency of the entity (n items)")
+    for col in ("task", "K", "model", "memory", "all"):
+        table.add_column(col, justify="right" if col == "all" else "left")
+    for b in labels:
+        table.add_column(b, justify="right")
+    for model in report["models"]:
+        for mode, m in model["modes"].items():
+            for task, r in m["tasks"].items():
+                value = f"{_pct(r['value'])} ({r['n']})" if r["metric"] in ACCURACY_METRICS else \
+                    f"{r['metric']}={r['value']:.2f}" if r["value"] is not None else "-"
+                cells = [f"{_pct(r['buckets'][b]['acc'])} ({r['buckets'][b]['n']})" if r["buckets"] else ""
+                         for b in labels]
+                table.add_row(task, r["knowledge"] or "", model["label"], mode, value, *cells)
+    console.print(table)
+    avg = Table(title="averages and held-out perplexity (per-document retrieval)")
+    for col in ("model", "memory", "Avg-CK", "Avg-SK", "held-out ppl"):
+        avg.add_column(col, justify="left" if col in ("model", "memory") else "right")
+    for model in report["models"]:
+        ppl = (model.get("perplexity") or {}).get("overall", {})
+        for mode, m in model["modes"].items():
+            a = m["averages"]
+            avg.add_row(model["label"], mode, _pct(a["CK"]), _pct(a["SK"]),
+                        f"{ppl[mode]:.2f}" if mode in ppl else "-")
+    console.print(avg)
+    flagged = sorted({e for model in report["models"] for m in model["modes"].values()
+                      for r in m["tasks"].values() for e in r["flagged"]})
+    if flagged:
+        console.print(f"ambiguous entities (counts mix senses or entities; see report.json flags): "
+                      f"{', '.join(flagged)}", highlight=False)
+
+
+def write_report(report: dict, out_dir: Path) -> dict[str, str]:
+    from ..utils import write_json
+    from .plots import plot_bucket_accuracy, plot_leaf_perplexity
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out_dir / "report.json"), "buckets_png": str(out_dir / "accuracy_by_bucket.png")}
+    plot_bucket_accuracy(report, Path(files["buckets_png"]))
+    if any(m.get("perplexity") for m in report["models"]):
+        files["perplexity_png"] = str(out_dir / "perplexity_by_leaf_frequency.png")
+        plot_leaf_perplexity(report, Path(files["perplexity_png"]))
+    write_json(Path(files["json"]), {**report, "files": files})
+    return files
+
+
+def eval_from_args(args, console: Console) -> dict:
+    """`hmlm eval` (argparse namespace from hmlm.cli) -> run_eval."""
+    from .buckets import parse_edges
+
+    def split(s: str | None) -> list[str]:
+        return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit {args.limit}: must be >= 1")
+    opts = EvalOptions(models=list(args.model), tasks=split(args.tasks) or list(DEFAULT_TASKS),
+                       memory=split(args.memory), limit=args.limit, batch_size=args.batch_size, device=args.device,
+                       out=args.out, edges=parse_edges(args.buckets), include_path=args.include_path,
+                       bucket_source=args.bucket_source, ambiguous=tuple(split(args.ambiguous)),
+                       perplexity=not args.no_perplexity, max_gen_toks=args.max_gen_toks)
+    if not opts.memory:
+        raise EvalError("--memory is empty; use e.g. fetched,generic,none")
+    return run_eval(opts, console)
