@@ -157,7 +157,8 @@ class BlockStore:
                     continue
                 lazy_adamw_update(self.tensors[key][name], self.exp_avg[key][name], self.exp_avg_sq[key][name],
                                   self.steps[key], rows, t.grad * scale if scale != 1.0 else t.grad, lr=lr,
-                                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, advance_steps=first)
+                                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, advance_steps=first,
+                                  compute_device=self.compute_device)
                 first = False
             updated += 0 if first else len(rows)
         self._fetched = []
