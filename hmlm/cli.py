@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--compile", action="store_true", help="torch.compile the anchor")
     return parser
 
 
@@ -113,7 +114,7 @@ def _bench(args, recipe) -> int:
     from .bench.train_step import run_bench
 
     rows = run_bench(recipe, vocab_size=_vocab_for(recipe), stores=[s for s in args.stores.split(",") if s],
-                     steps=args.steps, warmup=args.warmup, out=args.out)
+                     steps=args.steps, warmup=args.warmup, out=args.out, compile=args.compile)
     table = Table(title=f"training step, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
     for col in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib"):
         table.add_column(col, justify="left" if col == "config" else "right")

@@ -62,7 +62,7 @@ def _step(model, opt, batch, *, train_memory: bool, lr_memory: float, device) ->
 
 
 def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, compile: bool = False) -> dict[str, Any]:
     """Tokens/s of one configuration; store=None measures the anchor alone."""
     if store is None:
         recipe = replace(recipe, trainer=replace(recipe.trainer, mode="anchor"))
@@ -76,6 +76,8 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
     model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False)).to(device)
     if model.store is not None:
         model.store.to_compute(device)
+    if compile:
+        model.anchor = torch.compile(model.anchor)
     opt = torch.optim.AdamW(model.anchor.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
     b, t = recipe.trainer.batch_size, recipe.data.seq_len
@@ -106,7 +108,8 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
     peak = peak_flops(device)
     fpt = flops_per_token(model, t)
     out = {
-        "config": "anchor only" if store is None else f"anchor + memory ({store} store)",
+        "config": ("anchor only" if store is None else f"anchor + memory ({store} store)")
+                  + (", compiled" if compile else ""),
         "batch": b, "seq_len": t, "steps": steps,
         "step_ms": round(1000 * seconds / steps, 2),
         "tokens_per_s": round(tps, 1),
@@ -124,12 +127,14 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
 
 
 def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
-              out: Path | None = None) -> list[dict[str, Any]]:
+              out: Path | None = None, compile: bool = False) -> list[dict[str, Any]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [measure(recipe, vocab_size=vocab_size, store=None, steps=steps, warmup=warmup, device=device)]
+    rows = [measure(recipe, vocab_size=vocab_size, store=None, steps=steps, warmup=warmup, device=device,
+                    compile=compile)]
     for store in stores:
-        rows.append(measure(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device))
+        rows.append(measure(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
+                            compile=compile))
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3)
