@@ -149,9 +149,10 @@ class FakeMemory:
 
     sites = MEMORY_SITES
 
-    def __init__(self, d_model: int, attn_dim: int):
+    def __init__(self, d_model: int, attn_dim: int, ffn_dim: int = 48):
         self.out_width = {"attn_q": attn_dim, "attn_k": attn_dim, "attn_v": attn_dim,
-                          "attn_o": d_model, "ffn": d_model}
+                          "attn_o": d_model, "ffn": d_model,
+                          "ffn_gate": ffn_dim, "ffn_up": ffn_dim, "ffn_down": d_model}
         self.calls: list[tuple[str, int, tuple[int, ...]]] = []
         self.inputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -183,6 +184,7 @@ def test_memory_sites_shapes_inputs_and_effect() -> None:
         blk.ffn_norm.register_forward_hook(lambda mod, i, o: seen.__setitem__("ffn_in", o)),
         blk.attn.q_norm.register_forward_hook(lambda mod, i, o: seen.__setitem__("q_normed", o)),
         blk.attn.o_proj.register_forward_pre_hook(lambda mod, i: seen.__setitem__("o_in", i[0])),
+        blk.ffn.w3.register_forward_pre_hook(lambda mod, i: seen.__setitem__("ffn_hidden", i[0])),
     ]
     zero = m(ids, memory=MemoryContext(fake, {"scale": torch.zeros(B)}, layers))
     for h in hooks:
@@ -190,12 +192,16 @@ def test_memory_sites_shapes_inputs_and_effect() -> None:
     torch.testing.assert_close(zero, base, rtol=0, atol=0)
 
     expected_shapes = {"attn_q": (B, T, d), "attn_k": (B, T, d), "attn_v": (B, T, d),
-                       "attn_kv": (B, H, T, dh), "attn_o": (B, T, H * dh), "ffn": (B, T, d)}
+                       "attn_kv": (B, H, T, dh), "attn_o": (B, T, H * dh), "ffn": (B, T, d),
+                       "ffn_gate": (B, T, d), "ffn_up": (B, T, d), "ffn_down": (B, T, 48)}
     assert sorted(fake.calls) == sorted((s, slot, expected_shapes[s]) for slot in range(len(layers))
                                         for s in MEMORY_SITES)
     torch.testing.assert_close(fake.inputs[("attn_q", 0)], seen["attn_in"])
     torch.testing.assert_close(fake.inputs[("ffn", 0)], seen["ffn_in"])
     torch.testing.assert_close(fake.inputs[("attn_o", 0)], seen["o_in"])
+    for site in ("ffn_gate", "ffn_up"):
+        torch.testing.assert_close(fake.inputs[(site, 0)], seen["ffn_in"])
+    torch.testing.assert_close(fake.inputs[("ffn_down", 0)], seen["ffn_hidden"])   # the SwiGLU hidden
     # attn_kv sees q after QK-norm and before RoPE (RoPE would change every position > 0)
     torch.testing.assert_close(fake.inputs[("attn_kv", 0)], seen["q_normed"].view(B, T, H, dh).transpose(1, 2))
 
