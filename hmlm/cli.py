@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b.add_argument("--compile", action="store_true", help="torch.compile the anchor")
+    b = bench.add_parser("memory-types", help="train every memory type at equal fetched size, then evaluate all")
+    _recipe_args(b)
+    b.add_argument("--types", default="ffn,lora-qk,lora-vo,lora-ffn,kv")
+    b.add_argument("--out-dir", type=Path, default=Path("runs/memory-types"))
+    b.add_argument("--tasks", default=None, help="comma-separated eval tasks (default: hmlm eval's default set)")
+    b.add_argument("--limit", type=int, default=None, help="items per task")
     return parser
 
 
@@ -110,6 +116,15 @@ def _vocab_for(recipe) -> int:
 
 def _bench(args, recipe) -> int:
     from rich.table import Table
+
+    if args.bench == "memory-types":
+        from .bench.memory_types import run as run_types
+        from .eval.tasks import DEFAULT_TASKS
+
+        tasks = [t for t in (args.tasks or "").split(",") if t] or list(DEFAULT_TASKS)
+        run_types(recipe, vocab_size=_vocab_for(recipe), types=[t for t in args.types.split(",") if t],
+                  out_dir=args.out_dir, tasks=tasks, limit=args.limit, console=console)
+        return 0
 
     from .bench.train_step import run_bench
 

@@ -43,6 +43,7 @@ class EmbedderConfig:
     batch_size: int = 64
     max_length: int = 256        # word pieces per document seen by MiniLM (its trained limit)
     dim: int = 384               # only used by embedders without a fixed width (hashing)
+    precision: str = "auto"      # minilm: auto (bf16 where the hardware does it natively) | float32 | bfloat16
 
 
 @dataclass
@@ -126,6 +127,11 @@ class TrainerConfig:
     val_batches: int = 20
     ckpt_every: int = 200        # steps between checkpoints
     compile: bool = False
+    data_parallel: str = "replicated"  # replicated (ranks split one stream) | subtree (a rank owns whole subtrees and
+                                       # their bank blocks, so the bank is never all-reduced; docs/distributed.md)
+    subtree_level: int = 0       # tree level (1 = children of the root) whose subtrees go to ranks; 0 = auto
+    subtree_ranks: int = 0       # ranks the subtree plan is made for; 0 = the world size. >1 on one process
+                                 # reproduces that many ranks exactly (their batches concatenated, in rank order)
 
 
 @dataclass
@@ -303,6 +309,13 @@ def validate(r: Recipe, source: str) -> None:
         bad("memory.dtype", f"got {r.memory.dtype!r}, expected float32 or bfloat16")
     if r.memory.generic_prob is not None and not 0.0 <= r.memory.generic_prob <= 1.0:
         bad("memory.generic_prob", f"must be in [0, 1], got {r.memory.generic_prob}")
+    if r.trainer.data_parallel not in ("replicated", "subtree"):
+        bad("trainer.data_parallel", f"got {r.trainer.data_parallel!r}, expected replicated or subtree")
+    if not 0 <= r.trainer.subtree_level <= r.index.router.levels:
+        bad("trainer.subtree_level", f"must be in [0, {r.index.router.levels}] (0 = auto; the tree has "
+                                   f"index.router.levels={r.index.router.levels}), got {r.trainer.subtree_level}")
+    if r.trainer.subtree_ranks < 0:
+        bad("trainer.subtree_ranks", f"must be >= 0 (0 = the world size), got {r.trainer.subtree_ranks}")
     if r.trainer.batch_size < 1:
         bad("trainer.batch_size", f"must be >= 1, got {r.trainer.batch_size}")
     from .memories.placement import parse_placement  # local: placement is shared with the memories package

@@ -120,7 +120,10 @@ def build_index(recipe: Recipe, console: Console) -> Path:
 
     embedder = build_embedder(recipe)
     console.print(f"[bold]index[/] embedding with `{recipe.index.embedder.name}`")
-    emb = embedder.embed(texts, progress=True).astype(np.float32)
+    # identical texts (common in web crawls; the bundled facts repeat on purpose) are embedded once
+    unique: dict[str, int] = {}
+    slot = np.fromiter((unique.setdefault(t, len(unique)) for t in texts), dtype=np.int64, count=len(texts))
+    emb = embedder.embed(list(unique), progress=True).astype(np.float32)[slot]
 
     rc = recipe.index.router
     console.print(f"[bold]index[/] fitting `{rc.name}`: k={rc.branching}, levels={rc.levels}")

@@ -88,9 +88,9 @@ def test_minilm_missing_package_is_actionable(monkeypatch: pytest.MonkeyPatch) -
 def test_minilm_semantics_and_order() -> None:
     from hmlm.embedders.minilm import MiniLMEmbedder
 
-    e = MiniLMEmbedder.from_config(EmbedderConfig(batch_size=2, max_length=64), seed=0)
+    e = MiniLMEmbedder.from_config(EmbedderConfig(batch_size=2, max_length=64, precision="float32"), seed=0)
     assert e.identity() == {"name": "minilm", "model": "sentence-transformers/all-MiniLM-L6-v2",
-                            "dim": 384, "max_length": 64}
+                            "dim": 384, "max_length": 64, "precision": "float32"}
     texts = ["Paris is in France", "Helium is a noble gas",
              "Neon is a noble gas, like helium and argon, and it glows red in discharge tubes",
              "Neon is a noble gas"]
@@ -103,3 +103,6 @@ def test_minilm_semantics_and_order() -> None:
     for i in (1, 3):  # text 1 shares a batch with the long text 2, so it is padded there
         assert np.allclose(v[i], e.embed([texts[i]])[0], atol=1e-5)
     assert e.embed([]).shape == (0, 384)
+    # bf16 autocast (the default where the CPU/GPU does bf16 natively) stays within rounding of fp32
+    fast = MiniLMEmbedder(batch_size=2, max_length=64, precision="bfloat16").embed(texts)
+    assert np.all((fast * v).sum(1) > 0.999)

