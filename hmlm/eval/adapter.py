@@ -23,6 +23,7 @@ Memory modes (model argument `memory`):
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -55,8 +56,9 @@ class MemorySpec:
         return self.model_mode == "fetched"
 
 
-def parse_memory(spec: str, *, levels: int, branching: int) -> MemorySpec:
-    spec = str(spec).strip()
+def parse_memory(spec: str | None, *, levels: int, branching: int) -> MemorySpec:
+    # lm-eval's model_args parser turns the string "none" into None
+    spec = "none" if spec is None else str(spec).strip()
     if spec in ("fetched", "generic", "none"):
         return MemorySpec(spec)
     if not spec.startswith("blocked:"):
@@ -128,6 +130,10 @@ class HMLMEvalLM(TemplateLM):
                             "memory, batch_size, device, max_gen_toks, max_length, verify")
         if (path is None) == (loaded is None):
             raise EvalError("hmlm model_args: give exactly one of path=<model dir> or loaded=<LoadedModel>")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes device=cuda by default; a CPU-only machine should still run
+            logging.getLogger(__name__).warning("hmlm: CUDA is not available; evaluating on the CPU")
+            device = "cpu"
         if loaded is None:
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
             loaded = load_model_dir(path, device=dev, verify=str(verify).lower() not in ("false", "0", "no"))

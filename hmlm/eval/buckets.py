@@ -124,6 +124,10 @@ def recorded_counts(corpus: Path) -> dict[tuple[str, str], int] | None:
     return {(f["relation"], f["entity_key"]): int(f["repeat_count"]) for f in facts}
 
 
+def _names_of(docs: Sequence[Mapping]) -> dict[str, list[str]]:
+    return {d["entity_key"]: [d["entity"], *d.get("aliases", [])] for d in docs}
+
+
 @dataclass
 class FrequencyCounter:
     """Counts for the task items of one training corpus; corpus counting runs once, on first need."""
@@ -135,6 +139,7 @@ class FrequencyCounter:
     _recorded: dict | None = field(default=None, init=False)
     _mentions: dict[str, int] | None = field(default=None, init=False)
     _shared: dict[str, set[str]] = field(default_factory=dict, init=False)
+    _all_names: dict[str, list[str]] | None = field(default=None, init=False)
 
     @classmethod
     def for_model(cls, meta: Mapping, *, source: str = "auto",
@@ -157,9 +162,9 @@ class FrequencyCounter:
         """Note names shared between the entities of `docs`, and count entities in one pass over the corpus
         when some item has no recorded count."""
         names: dict[str, set[str]] = defaultdict(set)
-        for d in docs:
-            for n in [d["entity"], *d.get("aliases", [])]:
-                names[" ".join(_words(n))].add(d["entity_key"])
+        for key, spellings in {**self._universe(), **_names_of(docs)}.items():
+            for n in spellings:
+                names[" ".join(_words(n))].add(key)
         self._shared = {n: keys for n, keys in names.items() if len(keys) > 1}
         need = [d for d in docs if self._recorded is None or (d["relation"], d["entity_key"]) not in self._recorded]
         if need and (self._mentions is None or any(d["entity_key"] not in self._mentions for d in need)):
@@ -171,11 +176,15 @@ class FrequencyCounter:
                             "entities in the indexed training corpus")
         # a fixed universe of names (every bundled entity plus the items) keeps longest-match counts independent
         # of which tasks are evaluated together
-        from ..data.bundled import load_fact_items
+        self._mentions = count_mentions(training_texts(self.index_dir), {**self._universe(), **_names_of(docs)})
 
-        universe = {it.entity_key: [it.entity, *it.aliases] for it in load_fact_items()}
-        universe.update({d["entity_key"]: [d["entity"], *d.get("aliases", [])] for d in docs})
-        self._mentions = count_mentions(training_texts(self.index_dir), universe)
+    def _universe(self) -> dict[str, list[str]]:
+        """Every bundled entity's spellings, by entity key (elements, countries, cities)."""
+        if self._all_names is None:
+            from ..data.bundled import load_fact_items
+
+            self._all_names = {it.entity_key: [it.entity, *it.aliases] for it in load_fact_items()}
+        return self._all_names
 
     def count(self, doc: Mapping) -> tuple[int, str]:
         """(count, source) for a task item with entity, aliases, entity_key and relation."""

@@ -2,7 +2,8 @@
 
 Each held-out sequence is packed within one leaf and carries that leaf's path (the documents' own retrieval key,
 the full document), so its loss tells how well the memory on that path serves new text from the same cluster.
-Leaves are binned by the training tokens routed to them (node_stats.safetensors): decades 1-9, 10-99, ...
+Leaves are binned by the training tokens routed to them (node_stats.safetensors) in decades: bin "1k-10k" holds
+leaves with 1,000 <= tokens < 10,000.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def decade_bin(tokens: int) -> str:
     if tokens <= 0:
         return "0"
     lo = 10 ** int(math.floor(math.log10(tokens)))
-    return f"{_human(lo)}-{_human(lo * 10 - 1) if lo < 1000 else _human(lo * 10)}"
+    return f"{_human(lo)}-{_human(lo * 10)}"   # [lo, 10 lo)
 
 
 @torch.no_grad()

@@ -149,6 +149,8 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     from .perplexity import available_modes
 
     console = console or Console()
+    if not console.is_terminal and console.width < 160:
+        console.width = 160   # a log file or pipe has no width; rich would otherwise fold the table into 80 columns
     t0 = time.perf_counter()
     if not opts.models:
         raise EvalError("hmlm eval: give at least one --model DIR")

@@ -169,7 +169,7 @@ metadata:
 
 def task_files(seed: int = 0) -> dict[str, str]:
     """Relative path -> content of every file of the task folder."""
-    files: dict[str, str] = {"hmlm_tasks.py": LOADER}
+    files: dict[str, str] = {}
     for relation, rows in fact_rows(seed).items():
         files[f"data/{relation}.jsonl"] = _jsonl(rows)
         for qa in (False, True):
@@ -179,6 +179,7 @@ def task_files(seed: int = 0) -> dict[str, str]:
     files["data/heldout_docs.jsonl"] = _jsonl([{"id": d["id"], "text": d["text"]} for d in heldout])
     files["hmlm_heldout_lastword.yaml"] = LASTWORD_YAML
     files["hmlm_heldout_ppl.yaml"] = PPL_YAML
+    files["hmlm_tasks.py"] = LOADER   # last: its presence marks a complete folder (see ensure_task_dir)
     return files
 
 
@@ -210,9 +211,12 @@ def ensure_task_dir(include_path: str | Path | None = None) -> Path:
         return path
     if (REPO_TASKS / "hmlm_tasks.py").is_file():
         return REPO_TASKS
+    import hashlib
+
     from ..data.bundled import default_cache_dir
 
-    out = default_cache_dir().parent / "eval-tasks"
+    # keyed by this generator's code, so an upgraded hmlm never reads an older copy
+    out = default_cache_dir().parent / f"eval-tasks-{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}"
     if not (out / "hmlm_tasks.py").is_file():
         write_task_dir(out)
     return out
