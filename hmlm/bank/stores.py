@@ -47,6 +47,10 @@ class BlockStore:
         self.exp_avg_sq: dict[str, dict[str, torch.Tensor]] = {}
         self.steps: dict[str, torch.Tensor] = {}
         self._fetched: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]] = []
+        # subtree-parallel ranks hold only some rows per key (`restrict`): their global node ids, sorted, and the
+        # global -> local row lookup (-1 = not held). Empty = every row is held.
+        self.held: dict[str, torch.Tensor] = {}
+        self._local: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- construction and placement
     def _new_blocks(self, nodes: int, r: int, seed: int, init: bool) -> dict[str, torch.Tensor]:
@@ -123,7 +127,43 @@ class BlockStore:
         restore = torch.argsort(order).to(self.compute_device)
         return {name: torch.cat(parts).index_select(0, restore) for name, parts in pieces.items()}
 
+    def restrict(self, held: dict[str, "torch.Tensor | list[int]"]) -> None:
+        """Keep only the given rows (global node ids) of each key, e.g. the blocks a subtree-parallel rank owns.
+
+        Fetching a row that is not held is an error; `_fetched` and the optimizer state then use local row numbers.
+        """
+        if self.held:
+            raise RuntimeError("this store is already restricted to a subset of its blocks")
+        for key, rows in held.items():
+            rows = torch.as_tensor(rows, dtype=torch.long).unique()
+            nodes = next(iter(self.tensors[key].values())).shape[0]
+            if len(rows) and (rows.min() < 0 or rows.max() >= nodes):
+                raise ValueError(f"bank key {key}: held rows must be in [0, {nodes})")
+            for group in (self.tensors, self.exp_avg, self.exp_avg_sq):
+                if key in group:
+                    group[key] = {n: t.index_select(0, rows.to(t.device)) for n, t in group[key].items()}
+            if key in self.steps:
+                self.steps[key] = self.steps[key].index_select(0, rows.to(self.steps[key].device))
+            local = torch.full((nodes,), -1, dtype=torch.long)
+            local[rows] = torch.arange(len(rows))
+            self.held[key], self._local[key] = rows, local
+
+    def local_rows(self, key: str, rows) -> "torch.Tensor":
+        """Local row numbers of global node ids `rows` of `key` (the ids themselves when the key is not restricted)."""
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+        if key not in self._local:
+            return rows
+        local = self._local[key][rows]
+        if (local < 0).any():
+            missing = rows[local < 0][:5].tolist()
+            lvl = "the generic block" if key == GENERIC else f"level {int(key[1:]) + 1}"
+            raise ValueError(f"{lvl} blocks {missing} are not held by this rank: with trainer.data_parallel=subtree "
+                             "a rank may only fetch the blocks of the subtrees it owns (see docs/distributed.md)")
+        return local
+
     def _gather(self, key: str, rows: torch.Tensor, grad: bool) -> dict[str, torch.Tensor]:
+        if key in self._local:
+            rows = self.local_rows(key, rows)
         src = self.tensors[key]
         idx = rows.to(self.storage_device())
         leaf = {}
@@ -142,9 +182,12 @@ class BlockStore:
 
     @torch.no_grad()
     def step(self, *, lr: float, weight_decay: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
-             grad_clip: float = 0.0) -> dict[str, float]:
-        """Apply lazy AdamW to the blocks fetched (with grad=True) since the last step; returns stats."""
-        norm = self.fetched_grad_norm()
+             grad_clip: float = 0.0, grad_norm: torch.Tensor | None = None) -> dict[str, float]:
+        """Apply lazy AdamW to the blocks fetched (with grad=True) since the last step; returns stats.
+
+        `grad_norm` overrides the norm used for clipping (a subtree-parallel run passes the norm over all ranks).
+        """
+        norm = self.fetched_grad_norm() if grad_norm is None else grad_norm
         scale = 1.0
         if grad_clip > 0 and float(norm) > grad_clip:
             scale = grad_clip / (float(norm) + 1e-6)
@@ -189,10 +232,17 @@ class BlockStore:
                 out[f"{key}.{name}.exp_avg"] = self.exp_avg[key][name]
                 out[f"{key}.{name}.exp_avg_sq"] = self.exp_avg_sq[key][name]
             out[f"{key}.steps"] = self.steps[key]
+        for key, rows in self.held.items():
+            out[f"{key}.held_rows"] = rows
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         dev = self.storage_device()
+        for key in self.tensors:
+            mine, theirs = self.held.get(key), state.get(f"{key}.held_rows")
+            if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs.cpu())):
+                raise ValueError(f"bank state of `{key}` holds other blocks than this store (it was saved by a run "
+                                 "with another trainer.data_parallel, world size or subtree plan)")
         for key, d in self.tensors.items():
             for name, t in d.items():
                 src = state.get(f"{key}.{name}")

@@ -3,7 +3,8 @@
 The training order is an endless stream: epoch e visits every packed sequence in a permutation seeded by (seed, e).
 A position in that stream is just the number of sequences consumed, so resuming from a checkpoint at global step s
 restarts the stream at s * batch_size * world_size and the run sees exactly the batches an uninterrupted run would.
-Each data-parallel rank takes every world_size-th sequence of the global stream.
+Each data-parallel rank takes every world_size-th sequence of the global stream. With trainer.data_parallel=subtree
+a rank instead draws from the subtrees it owns (hmlm.train.affine.SubtreeSampler, docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_set: SequenceShards | None = None
         self.val_set: SequenceShards | None = None
+        self.subtree_plan = None  # trainer.data_parallel=subtree: set by fit() (hmlm.train.affine.SubtreePlan)
 
     def setup(self, stage: str | None = None) -> None:
         shards = self.index_dir / "shards"
@@ -66,6 +68,14 @@ class ShardDataModule(L.LightningDataModule):
         self.setup("fit")
         rank, world = self._world()
         step = self.trainer.global_step if getattr(self, "trainer", None) is not None else 0
+        if self.subtree_plan is not None:
+            from .affine import SubtreeSampler
+
+            # a rank draws from its own subtrees; one process reproducing N ranks draws all N batches per step
+            ranks = [rank] if world > 1 else list(range(self.subtree_plan.world))
+            sampler = SubtreeSampler(self.subtree_plan, self.seed, self.batch_size, ranks=ranks, start_step=step)
+            return DataLoader(self.train_set, batch_size=self.batch_size * len(ranks), sampler=sampler,
+                              num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
         sampler = StreamSampler(len(self.train_set), self.seed, start=step * self.batch_size * world,
                                 rank=rank, world=world)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,

@@ -102,7 +102,7 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if ckpt_path is None:
-        stale = [d for d in (out_dir / "checkpoints", out_dir / "logs") if d.exists()]
+        stale = [d for d in (out_dir / "checkpoints", out_dir / "logs", out_dir / "ranks") if d.exists()]
         if stale:
             # a fresh run must not mix its checkpoints/logs with an older run's (use --resume to continue that one)
             console.print(f"[yellow]fit[/] starting a new run in {out_dir}: removing the previous run's "
@@ -125,22 +125,48 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
     else:
         console.print("[yellow]fit[/] tensorboard is not installed: logging to CSV only (pip install tensorboard)")
     n_val = len(SequenceShards(index_dir / "shards", "val"))
+    strategy: Any = recipe.trainer.strategy
+    if recipe.trainer.data_parallel == "subtree" and strategy == "ddp":
+        from .affine import subtree_ddp_strategy
+
+        strategy = subtree_ddp_strategy()  # also runs a frozen anchor (DDP proper refuses a module it can't train)
     trainer = L.Trainer(
-        accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
+        accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=strategy,
         precision=_precision(recipe), max_steps=recipe.trainer.max_steps, max_epochs=-1,
         val_check_interval=recipe.trainer.val_every if n_val else None, check_val_every_n_epoch=None,
         limit_val_batches=recipe.trainer.val_batches if n_val else 0, num_sanity_val_steps=0,
         log_every_n_steps=recipe.trainer.log_every, callbacks=callbacks, logger=loggers,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
         use_distributed_sampler=False, default_root_dir=out_dir)
+    if recipe.trainer.data_parallel == "subtree":
+        from .affine import SubtreePlanError, plan_for_recipe
+
+        try:
+            plan = plan_for_recipe(recipe, index_dir, trainer.world_size)
+        except SubtreePlanError as exc:
+            raise FitError(str(exc)) from None
+        module.subtree_plan = dm.subtree_plan = plan
+        console.print(f"[bold]fit[/] subtree-parallel: {plan.summary()}")
+        if trainer.world_size > 1 and n_val:
+            # a rank holds only its own blocks, so it can't score other subtrees; the merged model is scored instead
+            trainer.limit_val_batches = 0
     if recipe.trainer.compile:
         module.model.anchor = torch.compile(module.model.anchor)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     train_seconds = time.perf_counter() - t0
     result: dict[str, Any] = {"out_dir": str(out_dir), "steps": trainer.global_step,
                               "seconds": round(train_seconds, 1)}
+    export_model = module.model
+    if module.subtree_plan is not None and trainer.world_size > 1 and trainer.is_global_zero \
+            and module.model.store is not None:
+        from ..bank.merge import merge_rank_banks, rank_dirs
+        from ..model import MemoryLM, build_store
+
+        # every rank wrote its blocks to out_dir/ranks/ (HMLMModule.on_train_end); one full bank again
+        full = merge_rank_banks(rank_dirs(out_dir), build_store(recipe, module.model.layout, init=False))
+        export_model = MemoryLM(module.model.anchor, module.model.layout, full)
     if trainer.is_global_zero:
-        model_dir = save_model_dir(module.model, recipe, index_dir, out_dir / "model",
+        model_dir = save_model_dir(export_model, recipe, index_dir, out_dir / "model",
                                    extra={"train": {"steps": trainer.global_step,
                                                     "seconds": round(train_seconds, 1)}})
         result["model_dir"] = str(model_dir)

@@ -9,6 +9,7 @@ Exactly one Lightning-wrapped optimizer steps per batch (the anchor's, or in `me
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -37,9 +38,12 @@ class BankOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure()
         cfg = self._module.recipe.optim.memory
-        self.last_stats = self._module.model.store.step(lr=self.param_groups[0]["lr"], weight_decay=cfg.weight_decay,
-                                                        beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                                                        grad_clip=cfg.grad_clip)
+        store, sync = self._module.model.store, self._module.bank_sync
+        # subtree-parallel: scale to the global loss, reduce shared blocks in their owner groups, clip by the global norm
+        norm = sync.reduce(store, global_norm=cfg.grad_clip > 0) if sync is not None else None
+        self.last_stats = store.step(lr=self.param_groups[0]["lr"], weight_decay=cfg.weight_decay,
+                                     beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip,
+                                     grad_norm=norm)
 
 
 class HMLMModule(L.LightningModule):
@@ -62,16 +66,65 @@ class HMLMModule(L.LightningModule):
         if model.has_memory and not model.store.has_generic:
             self.eval_modes = ("fetched", "none")
         self.train_ppl = Perplexity(ignore_index=-100)
+        # trainer.data_parallel=subtree (hmlm.train.affine): fit() sets the plan; setup() builds the rank's side
+        self.subtree_plan = None
+        self.bank_sync = None
+        self.comm_counter = None
         self.val_ppl = torch.nn.ModuleDict({m: Perplexity(ignore_index=-100) for m in self.eval_modes})
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         if self.model.store is not None:
             self.model.store.to_compute(self.device)
+        if self.subtree_plan is not None and self._world()[1] > 1 and self.comm_counter is None:
+            from .affine import BankSync, CommCounter
+
+            rank = self._world()[0]
+            self.comm_counter = CommCounter()
+            if self.model.store is not None:
+                # this rank keeps only its own blocks and the shared ones it helps train
+                store = self.model.store
+                store.restrict({k: torch.from_numpy(v) for k, v in
+                                self.subtree_plan.held_rows(rank, list(store.tensors)).items()})
+                self.bank_sync = BankSync(self.subtree_plan, store, rank)
+                self.bank_sync.counter = self.comm_counter
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
 
     def on_fit_start(self) -> None:
         if self.model.store is not None:
             self.model.store.to_compute(self.device)
+        ddp = getattr(self.trainer.strategy, "model", None)
+        if self.comm_counter is not None and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            from .affine import counting_allreduce_hook
+
+            # DDP's own mean all-reduce, counted: it carries the anchor and nothing else (the bank is no parameter)
+            ddp.register_comm_hook(self.comm_counter, counting_allreduce_hook)
+
+    def on_train_start(self) -> None:
+        self._segment_start = self.global_step  # after a resume: the steps this process ran, for rank.json
+
+    def on_train_end(self) -> None:
+        if self.comm_counter is None:
+            return
+        from ..bank.merge import save_rank_bank
+
+        rank, world = self._world()
+        out = Path(self.recipe.out_dir) / "ranks" / f"rank-{rank:03d}"
+        info = {"comm": self.comm_counter.as_dict(), "steps": self.global_step,
+                "segment_steps": self.global_step - getattr(self, "_segment_start", 0),
+                "plan": self.subtree_plan.summary(),
+                "anchor_grad_bytes": sum(p.numel() * p.element_size() for p in self.model.anchor.parameters()
+                                         if p.requires_grad)}
+        if self.model.store is not None:
+            save_rank_bank(self.model.store, out, rank=rank, world=world, info=info)
+        else:
+            from ..utils import write_json
+
+            write_json(out / "rank.json", {"rank": rank, "world": world, **info})
+        self.trainer.strategy.barrier("hmlm-rank-banks")  # rank 0 merges once every rank has written
 
     def configure_optimizers(self):
         opts: list[torch.optim.Optimizer] = []
@@ -92,10 +145,22 @@ class HMLMModule(L.LightningModule):
             return None
         # seeded by the step, not by global RNG state, so resuming reproduces the same draws
         g = torch.Generator().manual_seed(self.recipe.seed * 7_919 + self.global_step)
-        return torch.rand(batch_size, generator=g) < self.generic_prob
+        # one draw for the global batch, each rank its slice: ranks differ, and N ranks equal one process of N*B
+        rank, world = self._world()
+        draw = torch.rand(batch_size * world, generator=g)[rank * batch_size:(rank + 1) * batch_size]
+        return draw < self.generic_prob
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        chunks = self._reference_ranks()
+        if chunks > 1:
+            # one process reproducing N subtree ranks: DDP optimises the mean of the per-rank means
+            return torch.stack([F.cross_entropy(lg.float().flatten(0, 1), lb.flatten(), ignore_index=-100)
+                                for lg, lb in zip(logits.chunk(chunks), labels.chunk(chunks))]).mean()
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def _reference_ranks(self) -> int:
+        plan = self.subtree_plan
+        return plan.world if plan is not None and self._world()[1] == 1 else 1
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step = self.global_step
@@ -151,13 +216,39 @@ class HMLMModule(L.LightningModule):
                      prog_bar=mode == self.eval_modes[0])
 
     # ------------------------------------------------------------------ checkpoint hooks
+    def _rank_bank_file(self, step: int, rank: int) -> Path:
+        return Path(self.recipe.out_dir) / "checkpoints" / "bank-ranks" / f"step-{step:06d}" / f"rank-{rank:03d}.safetensors"
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model.store is not None:
+        if self.model.store is not None and self.model.store.held:
+            # subtree-parallel: every rank runs this hook; each writes its own blocks beside the checkpoint
+            from safetensors.torch import save_file
+
+            from ..utils import atomic_write_path
+
+            rank, world = self._world()
+            path = self._rank_bank_file(self.global_step, rank)
+            with atomic_write_path(path) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.store.state_dict().items()},
+                          str(tmp))
+            checkpoint["hmlm_bank_ranks"] = {"step": self.global_step, "world": world}
+        elif self.model.store is not None:
             checkpoint["hmlm_bank"] = {k: v.detach().cpu() for k, v in self.model.store.state_dict().items()}
         checkpoint["hmlm_rng"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model.store is not None:
+        if self.model.store is not None and "hmlm_bank_ranks" in checkpoint:
+            from safetensors.torch import load_file
+
+            meta, (rank, world) = checkpoint["hmlm_bank_ranks"], self._world()
+            if meta["world"] != world or not self.model.store.held:
+                raise ValueError(f"checkpoint was written by a {meta['world']}-rank subtree-parallel run; resume it "
+                                 f"with trainer.data_parallel=subtree on {meta['world']} ranks (this run: {world})")
+            path = self._rank_bank_file(int(meta["step"]), rank)
+            if not path.is_file():
+                raise ValueError(f"{path}: this rank's bank state for the checkpoint is missing")
+            self.model.store.load_state_dict(load_file(str(path)))
+        elif self.model.store is not None:
             if "hmlm_bank" not in checkpoint:
                 raise ValueError("checkpoint has no memory bank state (`hmlm_bank`): it was written by a run "
                                  "without memory; resume it with the same recipe")
