@@ -127,6 +127,10 @@ class TrainerConfig:
     val_batches: int = 20
     ckpt_every: int = 200        # steps between checkpoints
     compile: bool = False
+    eval_every: int = 0          # steps between in-training knowledge evals (hmlm.eval.callback); 0 = off
+    eval_tasks: list[str] = field(default_factory=lambda: ["hmlm_atomic_number"])
+    eval_memory: list[str] = field(default_factory=lambda: ["fetched", "none"])
+    eval_limit: Optional[int] = 64  # items per task per eval
     data_parallel: str = "replicated"  # replicated (ranks split one stream) | subtree (a rank owns whole subtrees and
                                        # their bank blocks, so the bank is never all-reduced; docs/distributed.md)
     subtree_level: int = 0       # tree level (1 = children of the root) whose subtrees go to ranks; 0 = auto
@@ -316,6 +320,8 @@ def validate(r: Recipe, source: str) -> None:
                                    f"index.router.levels={r.index.router.levels}), got {r.trainer.subtree_level}")
     if r.trainer.subtree_ranks < 0:
         bad("trainer.subtree_ranks", f"must be >= 0 (0 = the world size), got {r.trainer.subtree_ranks}")
+    if r.trainer.eval_every < 0:
+        bad("trainer.eval_every", f"must be >= 0 (0 = off), got {r.trainer.eval_every}")
     if r.trainer.batch_size < 1:
         bad("trainer.batch_size", f"must be >= 1, got {r.trainer.batch_size}")
     from .memories.placement import parse_placement  # local: placement is shared with the memories package

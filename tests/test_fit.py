@@ -72,3 +72,13 @@ def test_training_reduces_loss(tiny_model_dir):
     rows = losses(tiny_model_dir.parent)
     first, last = rows[min(rows)], rows[max(rows)]
     assert last < first
+
+
+def test_in_training_knowledge_eval_logs_bucket_accuracies(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(**{"out_dir": str(tmp_path / "e"), "trainer.max_steps": 4, "trainer.eval_every": 2,
+                            "trainer.eval_limit": 8, "trainer.eval_memory": ["fetched", "none"]})
+    fit(recipe, progress=False, final_eval=False)
+    logged = {k for row in read_metrics(tmp_path / "e") for k, v in row.items() if v}
+    assert "eval/hmlm_atomic_number/fetched/exact_match" in logged or \
+        any(k.startswith("eval/hmlm_atomic_number/fetched/") for k in logged)
+    assert any("acc_bucket_" in k for k in logged)

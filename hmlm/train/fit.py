@@ -114,6 +114,12 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
                               every_n_train_steps=recipe.trainer.ckpt_every, save_top_k=-1,
                               auto_insert_metric_name=False)
     callbacks: list[Any] = [ckpt_cb]
+    if recipe.trainer.eval_every > 0:
+        from ..eval.callback import BucketEvalCallback
+
+        callbacks.append(BucketEvalCallback(every_n_steps=recipe.trainer.eval_every, tasks=recipe.trainer.eval_tasks,
+                                            memory=recipe.trainer.eval_memory, limit=recipe.trainer.eval_limit,
+                                            batch_size=recipe.trainer.batch_size))
     if progress:
         callbacks.append(StepProgressBar(leave=True))
     quiet_lightning_adverts()
