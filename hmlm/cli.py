@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         from rich.markup import escape
 
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 from .config import Recipe, recipe_from_dict, to_dict
 from .data.tokenizer import Tokenizer
 from .model import MemoryLM, build_anchor, build_layout, build_store
-from .utils import atomic_dir, sha256_file, versions, write_json
+from .utils import atomic_dir, read_json_artifact, sha256_file, versions, write_json
 
 MODEL_FORMAT = 1
 
@@ -106,13 +106,8 @@ class LoadedModel:
 def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
     path = Path(path)
     meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise ModelDirError(f"{path}: not a model directory (no model.json); `hmlm fit` writes one to "
-                            "<out_dir>/model")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelDirError(f"{meta_path}: corrupt JSON ({exc})") from None
+    meta = read_json_artifact(meta_path, ModelDirError,
+                              missing="not a model directory (no model.json); `hmlm fit` writes one to <out_dir>/model")
     if meta.get("format") != MODEL_FORMAT:
         raise ModelDirError(f"{meta_path}: model format {meta.get('format')!r}, this hmlm reads {MODEL_FORMAT}")
     if verify:

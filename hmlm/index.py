@@ -27,7 +27,7 @@ from .config import Recipe
 from .data.corpus import read_corpus
 from .data.packing import pack_by_leaf, write_shards
 from .data.tokenizer import Tokenizer, build_tokenizer
-from .utils import atomic_dir, sha256_file, versions, write_json
+from .utils import atomic_dir, read_json_artifact, sha256_file, versions, write_json
 
 INDEX_FORMAT = 1
 
@@ -88,14 +88,10 @@ def ensure_index(recipe: Recipe, console: Console | None = None, *, rebuild: boo
 
 
 def check_index(path: Path, recipe: Recipe) -> dict[str, Any]:
-    meta_path = path / "index.json"
-    if not meta_path.is_file():
-        raise IndexError_(f"{path}: exists but has no index.json (a corrupt or foreign directory); delete it or set "
-                          "index.dir to another path")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise IndexError_(f"{meta_path}: corrupt JSON ({exc}); delete the index directory to rebuild it") from None
+    meta = read_json_artifact(path / "index.json", IndexError_,
+                              missing="exists but has no index.json (a corrupt or foreign directory); delete it or "
+                                      "set index.dir to another path",
+                              corrupt_hint="; delete the index directory to rebuild it")
     if meta.get("fingerprint") != fingerprint(recipe):
         raise IndexError_(f"{path}: this index was built with other data/index settings than the recipe "
                           f"(fingerprint {meta.get('fingerprint')} != {fingerprint(recipe)}); run "

@@ -49,6 +49,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+def read_json_artifact(path: Path, error: type[Exception], *, missing: str, corrupt_hint: str = "") -> Any:
+    """Read an artifact's JSON metadata, turning a missing or corrupt file into `error` that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path.parent}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: corrupt JSON ({exc}){corrupt_hint}") from None
+
+
 def write_json(path: Path, obj: Any) -> None:
     with atomic_write_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -64,8 +64,16 @@ def _tensorboard_available() -> bool:
 
 
 def _checkpoint_step(path: Path) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return int(ckpt.get("global_step", 0))
+    """The checkpoint's global step; also the early, clear failure for a truncated or foreign checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated zip, pickle of arbitrary objects refused by weights_only, ...
+        raise FitError(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                       "it is corrupt or was not written by hmlm fit. Delete it to resume from an earlier "
+                       "step-*.ckpt, or start without --resume") from None
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+        raise FitError(f"{path}: not a Lightning checkpoint written by hmlm fit (no global_step)")
+    return int(ckpt["global_step"])
 
 
 def last_checkpoint(out_dir: Path) -> Path | None:
