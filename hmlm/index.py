@@ -40,6 +40,7 @@ def fingerprint(recipe: Recipe) -> str:
     """Everything that changes the index's content. Training-only keys are left out on purpose."""
     data = asdict(recipe.data)
     data.pop("num_workers", None)
+    data.pop("doc_mask", None)  # the shards always carry doc ids; masking is a training-time choice
     key = {"data": data, "embedder": asdict(recipe.index.embedder), "router": asdict(recipe.index.router),
            "seed": recipe.seed, "format": INDEX_FORMAT}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

