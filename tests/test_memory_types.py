@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import assert_per_sample_isolation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -194,15 +196,7 @@ def test_per_sample_isolation(kind, j, seed):
     model = make(kind)
     randomize(model, seed)
     ids, paths = batch()
-    base = model(ids, paths=paths, memory="fetched")
-    paths2 = paths.clone()
-    paths2[j] = (paths2[j] + 1) % torch.tensor([K, K ** 2, K ** 3])
-    out = model(ids, paths=paths2, memory="fetched")
-    for i in range(4):
-        if i == j:
-            assert not torch.allclose(out[i], base[i])
-        else:
-            torch.testing.assert_close(out[i], base[i], rtol=0, atol=0)
+    assert_per_sample_isolation(model, ids, paths, j, K)
 
 
 def _train_step(model, ids, paths, lr=1e-2):
