@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b.add_argument("--compile", action="store_true", help="torch.compile the anchor")
+    b = bench.add_parser("scaling", help="data-parallel throughput on 1..N devices: subtree-affine vs DDP of the bank")
+    _recipe_args(b)
+    b.add_argument("--devices", default="1,2", help="world sizes to measure, e.g. 1,2,4,8")
+    b.add_argument("--modes", default="subtree,replicated")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b = bench.add_parser("memory-types", help="train every memory type at equal fetched size, then evaluate all")
     _recipe_args(b)
     b.add_argument("--types", default="ffn,lora-qk,lora-vo,lora-ffn,kv")
@@ -117,6 +124,22 @@ def _vocab_for(recipe) -> int:
 def _bench(args, recipe) -> int:
     from rich.table import Table
 
+    if args.bench == "scaling":
+        from .bench.scaling import run_scaling
+
+        rows = run_scaling(recipe, vocab_size=_vocab_for(recipe), worlds=[int(d) for d in args.devices.split(",")],
+                           modes=[m for m in args.modes.split(",") if m], steps=args.steps, warmup=args.warmup,
+                           out=args.out)
+        table = Table(title=f"data-parallel training step, {rows[0]['device']}, "
+                            f"{rows[0]['batch_per_rank']} x {rows[0]['seq_len']} tokens per rank")
+        cols = ("mode", "world", "step_ms", "tokens_per_s", "scaling_efficiency", "anchor_bytes_per_step",
+                "bank_bytes_per_step", "bank_params_per_rank")
+        for col in cols:
+            table.add_column(col, justify="left" if col == "mode" else "right")
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in cols))
+        console.print(table)
+        return 0
     if args.bench == "memory-types":
         from .bench.memory_types import run as run_types
         from .eval.tasks import DEFAULT_TASKS
