@@ -2,6 +2,7 @@
 # Create (or reuse) .venv and install hmlm into it. torch is pinned to the CPU build that lies on disk
 # (torch==2.13.0) BEFORE anything else, so that no dependency can make pip pull a multi-GB CUDA wheel.
 # Usage: bash scripts/setup-env.sh [extras]      e.g. `bash scripts/setup-env.sh test`
+# pip's own output goes to .venv/setup.log and is shown only when a step fails.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 extras="${1:-}"
@@ -9,12 +10,21 @@ if [ ! -x "$root/.venv/bin/python" ]; then
   python3 -m venv "$root/.venv"
 fi
 py="$root/.venv/bin/python"
-"$py" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
+log="$root/.venv/setup.log"
+: > "$log"
+run() {  # run a pip step quietly; on failure show its output and stop
+  if ! "$@" >> "$log" 2>&1; then
+    echo "setup-env: failed: $*" >&2
+    tail -40 "$log" >&2
+    exit 1
+  fi
+}
+run "$py" -m pip install -q --disable-pip-version-check --upgrade pip
 if ! "$py" -c "import torch" 2>/dev/null; then
-  "$py" -m pip install -q --disable-pip-version-check "torch==${HMLM_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored" || true
+  run "$py" -m pip install -q --disable-pip-version-check "torch==${HMLM_TORCH_VERSION:-2.13.0}"
 fi
 # a constraint keeps the installed torch in place while the rest resolves
-tv="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
+tv="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)"
 spec="$root"; [ -n "$extras" ] && spec="$root[$extras]"
-"$py" -m pip install -q --disable-pip-version-check -e "$spec" -c <(echo "torch==$tv") 2>&1 | grep -v "is ignored" || true
-"$py" -c "import hmlm, torch; print(f'hmlm {hmlm.__version__} ready (torch {torch.__version__})')"
+run "$py" -m pip install -q --disable-pip-version-check -e "$spec" -c <(echo "torch==$tv")
+"$py" -c "import hmlm, torch; print(f'hmlm {hmlm.__version__} ready (torch {torch.__version__}; pip log: $log)')"
