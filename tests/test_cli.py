@@ -113,7 +113,6 @@ def test_quickstart_recipe_through_cli(tmp_path, capsys):
 def test_corrupt_index_and_checkpoint_are_clear_errors(tiny_recipe, tmp_path, capsys):
     import yaml
 
-    from conftest import tiny_recipe_dict
     from hmlm.config import to_dict
     from hmlm.train.fit import fit
 

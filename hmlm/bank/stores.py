@@ -14,9 +14,6 @@ and moves only the fetched blocks. A bank key is `l{level}` for a tree level or 
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -313,6 +310,3 @@ class HostStore(BlockStore):
         self._move_all(torch.device("cpu"), pin=self.compute_device.type == "cuda")
         return self
 
-
-def describe_tiers(store: BlockStore) -> str:
-    return json.dumps({"tier": store.tier, "bytes": store.bytes_by_key()})

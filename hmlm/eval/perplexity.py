@@ -5,6 +5,7 @@ document, paper-notes §5.2), so "fetched" measures what the memory adds for the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +38,7 @@ def heldout_perplexity(loaded, index_dir: Path, *, batch_size: int = 16, modes: 
     nll = {m: 0.0 for m in modes}
     count = 0
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("held-out perplexity", total=len(loader))
         for batch in loader:
@@ -55,10 +56,3 @@ def heldout_perplexity(loaded, index_dir: Path, *, batch_size: int = 16, modes: 
             bar.advance(task)
     return {m: math.exp(nll[m] / max(count, 1)) for m in modes}
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
