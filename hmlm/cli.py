@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=32)
     p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity per leaf")
 
+    p = sub.add_parser("inspect", help="a model's bank: per-level sizes, tiers, bytes and block usage (table + PNG)")
+    p.add_argument("dir", metavar="DIR", help="a model directory, or the run directory holding model/")
+    p.add_argument("--out", default=None, help="PNG of block usage by level (default: DIR/model/bank_usage.png)")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and --out; see docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("train", help="training-step throughput and MFU, anchor alone vs with memory")
@@ -65,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b.add_argument("--compile", action="store_true", help="torch.compile the anchor")
+    b.add_argument("--tiers", default="", help="tier plans of the tiered store to measure, ';'-separated: auto, one "
+                   "tier for all levels, or one per level (e.g. 'auto;host;device,device,host')")
+    b.add_argument("--branching", default="", help="bank-size sweep: branching factors k to measure at the same "
+                   "fetch size with the first --tiers plan (e.g. 2,4,8,16)")
+    b = bench.add_parser("fetch", help="route + fetch latency of one memory per tier plan: cold, warm, cached")
+    _recipe_args(b)
+    b.add_argument("--tiers", default="device;host;host,host,disk",
+                   help="';'-separated tier plans (one tier for all levels, or one per level)")
+    b.add_argument("--prompts", type=int, default=50, help="prompts per phase")
+    b.add_argument("--cache-mb", type=float, default=None,
+                   help="device LRU of host/disk blocks for the cached phase (default: every level but the deepest)")
+    b.add_argument("--disk-dir", type=Path, default=Path("runs/bench-fetch"), help="where disk-tier files go")
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b = bench.add_parser("scaling", help="data-parallel throughput on 1..N devices: subtree-affine vs DDP of the bank")
     _recipe_args(b)
     b.add_argument("--devices", default="1,2", help="world sizes to measure, e.g. 1,2,4,8")
@@ -97,13 +115,23 @@ def dry_run(recipe) -> None:
     print(f"fetched memory parameters per sequence: {rep['fetched_params_per_sequence']}")
     print(f"bank parameters: {rep['bank_params']}")
     print(f"generic memory parameters: {rep['generic_params']}")
-    tiers: dict[str, int] = {}
+    tiers: dict[str, list[int]] = {}
     for lvl in rep["bank_levels"]:
         print(f"bank level {lvl['level']}: r={lvl['r']} nodes={lvl['nodes']} parameters={lvl['params']} "
-              f"bytes={lvl['bytes']} tier={lvl['tier']}")
-        tiers[lvl["tier"]] = tiers.get(lvl["tier"], 0) + lvl["bytes"]
-    for tier, nbytes in tiers.items():
+              f"bytes={lvl['bytes']} optimizer_state_bytes={lvl['state_bytes']} tier={lvl['tier']} "
+              f"touched_per_step={lvl['touched_per_step']:.4g}")
+        t = tiers.setdefault(lvl["tier"], [0, 0])
+        t[0] += lvl["bytes"]
+        t[1] += lvl["state_bytes"]
+    for tier, (nbytes, state) in tiers.items():
         print(f"bank bytes ({tier}): {nbytes}")
+        print(f"optimizer state bytes ({tier}): {state}")
+    if rep.get("disk_bytes_needed", 0) > rep.get("disk_bytes_free", 0):
+        print(f"warning: the disk tier needs {rep['disk_bytes_needed']} bytes, {rep['disk_bytes_free']} are free under "
+              "memory.disk_dir: training would stop with this plan")
+    if rep["bank_levels"]:
+        print(f"tier plan: memory.tiers={recipe.memory.tiers} store={recipe.memory.store} "
+              f"optim_state={recipe.memory.optim_state} (on this machine; docs/design.md §8)")
 
 
 def _vocab_for(recipe) -> int:
@@ -149,16 +177,34 @@ def _bench(args, recipe) -> int:
                   out_dir=args.out_dir, tasks=tasks, limit=args.limit, console=console)
         return 0
 
+    if args.bench == "fetch":
+        from .bench.fetch import run_fetch_bench
+
+        rows = run_fetch_bench(recipe, vocab_size=_vocab_for(recipe), tiers=[t for t in args.tiers.split(";") if t],
+                               prompts=args.prompts, cache_mb=args.cache_mb, disk_dir=args.disk_dir, out=args.out)
+        table = Table(title=f"route + fetch of one memory ({rows[0]['fetched_params']:,} parameters), "
+                            f"{rows[0]['device']}, ms")
+        for col in ("tiers", "phase", "route p50", "fetch p50", "fetch p90", "total p50", "direct I/O"):
+            table.add_column(col, justify="left" if col in ("tiers", "phase") else "right")
+        for r in rows:
+            table.add_row(r["tiers"], r["phase"], str(r["route_ms"]["p50"]), str(r["fetch_ms"]["p50"]),
+                          str(r["fetch_ms"]["p90"]), str(r["total_ms"]["p50"]), str(r["direct_io"]))
+        console.print(table)
+        return 0
+
     from .bench.train_step import run_bench
 
     rows = run_bench(recipe, vocab_size=_vocab_for(recipe), stores=[s for s in args.stores.split(",") if s],
-                     steps=args.steps, warmup=args.warmup, out=args.out, compile=args.compile)
+                     steps=args.steps, warmup=args.warmup, out=args.out, compile=args.compile,
+                     tiers=[t for t in args.tiers.split(";") if t],
+                     branchings=[int(k) for k in args.branching.split(",") if k])
     table = Table(title=f"training step, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
-    for col in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib"):
+    cols = ("config", "branching", "bank_params", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor",
+            "peak_mem_gib", "host_rss_gib")
+    for col in cols:
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu",
-                                             "ratio_vs_anchor", "peak_mem_gib")))
+        table.add_row(*(str(r.get(c)) for c in cols))
     console.print(table)
     return 0
 
@@ -175,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
 
             broken = print_plugins(console)
             return 1 if broken else 0
+        if args.command == "inspect":
+            from .inspect import inspect_from_args
+
+            inspect_from_args(args, console)
+            return 0
         if args.command == "eval":
             from .eval.report import eval_from_args
 

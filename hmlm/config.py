@@ -93,8 +93,21 @@ class MemoryConfig:
     placement: str = "all"       # all | first:N | middle:N | last:N | layers:i,j,k
     generic: bool = True         # train a context-free generic block of the fetched size (control)
     generic_prob: Optional[float] = None   # per-sequence probability of using generic memory; None = 1/(k+1) in cotrain, 0 otherwise
-    store: str = "device"        # bank store plugin: device | host
+    store: str = "tiered"        # bank store plugin: tiered (per-level tiers below) | device | host (every level on
+                                 # that tier; shorthands kept for older recipes) | a third-party store
     dtype: str = "float32"       # storage dtype of the bank: float32 | bfloat16
+    # where each level lives (store=tiered): `auto` (planned from the memory budgets and each level's size and reuse),
+    # one tier for every level (device | host | disk), or a list with one tier per entry of `sizes`. The generic block
+    # always stays on the device. See docs/design.md §8.
+    tiers: Any = "auto"
+    optim_state: str = "fp32"    # the bank's AdamW moments: fp32 | bf16 (both moments in bfloat16) | factored (bf16 first
+                                 # moment, Adafactor-style row x column second moment)
+    device_budget_gb: Optional[float] = None  # accelerator memory the bank may use (None = measured free memory minus
+                                              # an estimate of the anchor's training footprint)
+    host_budget_gb: Optional[float] = None    # host RAM the bank may use (None = 80% of MemAvailable)
+    disk_dir: str = "${out_dir}/bank"         # the disk tier's level files and their copy-on-write undo logs
+    io_threads: int = 8          # threads of the disk tier's block I/O and of bank initialisation/export
+    cache_mb: float = 0.0        # inference: an LRU of fetched host/disk blocks kept on the device (0 = off)
 
 
 @dataclass
@@ -320,6 +333,25 @@ def validate(r: Recipe, source: str) -> None:
         bad("data.tokenizer.path", "kind=file needs the path of a tokenizer.json (or of a folder holding one)")
     if r.memory.dtype not in ("float32", "bfloat16"):
         bad("memory.dtype", f"got {r.memory.dtype!r}, expected float32 or bfloat16")
+    from .bank.tiers import TierError, normalize_tiers  # local: the bank package imports torch
+
+    try:
+        normalize_tiers(r.memory.tiers, len(r.memory.sizes))
+    except TierError as exc:
+        bad("memory.tiers", str(exc))
+    if r.memory.store in ("device", "host") and r.memory.tiers not in ("auto", r.memory.store, [r.memory.store]):
+        bad("memory.tiers", f"memory.store={r.memory.store} puts every level on the {r.memory.store} tier; to choose "
+                            "tiers per level use memory.store=tiered")
+    if r.memory.optim_state not in ("fp32", "bf16", "factored"):
+        bad("memory.optim_state", f"got {r.memory.optim_state!r}, expected fp32, bf16 or factored")
+    for key in ("device_budget_gb", "host_budget_gb"):
+        value = getattr(r.memory, key)
+        if value is not None and value < 0:
+            bad(f"memory.{key}", f"must be >= 0 (or null = measured), got {value}")
+    if r.memory.io_threads < 1:
+        bad("memory.io_threads", f"must be >= 1, got {r.memory.io_threads}")
+    if r.memory.cache_mb < 0:
+        bad("memory.cache_mb", f"must be >= 0 (0 = off), got {r.memory.cache_mb}")
     if r.memory.generic_prob is not None and not 0.0 <= r.memory.generic_prob <= 1.0:
         bad("memory.generic_prob", f"must be in [0, 1], got {r.memory.generic_prob}")
     if r.trainer.data_parallel not in ("replicated", "subtree"):

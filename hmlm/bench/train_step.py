@@ -73,9 +73,11 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
     anchor = build_anchor(recipe, vocab_size)
     layout = build_layout(recipe, anchor)
     # block values do not change the cost of a step, so skip initialising a multi-billion bank on the CPU
-    model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False)).to(device)
+    model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False, anchor=anchor)).to(device)
     if model.store is not None:
         model.store.to_compute(device)
+        if hasattr(model.store, "fill"):
+            model.store.fill(0.0)  # commit host memory and write disk files: reading never-written pages is free
     if compile:
         model.anchor = torch.compile(model.anchor)
     opt = torch.optim.AdamW(model.anchor.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -91,14 +93,20 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
         return ids, paths
 
     train_memory = model.store is not None
-    for _ in range(warmup):
-        _step(model, opt, batch(), train_memory=train_memory, lr_memory=1e-4, device=device)
+    prefetch = getattr(model.store, "prefetch", None) if train_memory else None
+    warm = [batch() for _ in range(warmup)]
+    batches = [batch() for _ in range(steps)]
+    for i, bt in enumerate(warm):
+        if prefetch is not None:  # the data loader's announcement of the next batch (see AnnouncingLoader)
+            prefetch((warm + batches)[i + 1][1])
+        _step(model, opt, bt, train_memory=train_memory, lr_memory=1e-4, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    batches = [batch() for _ in range(steps)]
     t0 = time.perf_counter()
-    for bt in batches:
+    for i, bt in enumerate(batches):
+        if prefetch is not None and i + 1 < len(batches):
+            prefetch(batches[i + 1][1])
         _step(model, opt, bt, train_memory=train_memory, lr_memory=1e-4, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,9 +115,16 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
     tps = tokens / seconds
     peak = peak_flops(device)
     fpt = flops_per_token(model, t)
+    tiers = None
+    if model.store is not None and hasattr(model.store, "tier_of"):
+        tiers = ",".join(model.store.tier_of(f"l{lvl}") for lvl in model.layout.active_levels)
     out = {
         "config": ("anchor only" if store is None else f"anchor + memory ({store} store)")
-                  + (", compiled" if compile else ""),
+                  + (f" tiers {tiers}" if tiers and store == "tiered" else "") + (", compiled" if compile else ""),
+        "tiers": tiers,
+        "optim_state": recipe.memory.optim_state if store is not None else None,
+        "branching": recipe.index.router.branching,
+        "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
         "batch": b, "seq_len": t, "steps": steps,
         "step_ms": round(1000 * seconds / steps, 2),
         "tokens_per_s": round(tps, 1),
@@ -120,24 +135,63 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
         "bank_params": model.layout.bank_params() if model.layout else 0,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
     }
+    if model.store is not None and hasattr(model.store, "bytes_by_tier"):
+        out["bank_bytes_by_tier"] = model.store.bytes_by_tier()
+        model.store.close()
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,
+              device: torch.device, compile: bool = False) -> list[dict[str, Any]]:
+    """Memory rows of the tiered store: one per tier plan (`auto`, `host`, `device,device,host`, ...) at the recipe's
+    branching, then a bank-size sweep (same fetch size, bank grown by the branching k) with the first plan."""
+    rows = []
+    for spec in tiers:
+        plan: Any = spec.split(",") if "," in spec else spec
+        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
+        rows.append(measure(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
+                            compile=compile))
+    for k in branchings:
+        plan = tiers[0].split(",") if tiers and "," in tiers[0] else (tiers[0] if tiers else "auto")
+        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan),
+                    index=replace(recipe.index, router=replace(recipe.index.router, branching=k)))
+        row = measure(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
+                      compile=compile)
+        row["sweep"] = "bank size"
+        rows.append(row)
+    return rows
+
+
 def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
-              out: Path | None = None, compile: bool = False) -> list[dict[str, Any]]:
+              out: Path | None = None, compile: bool = False, tiers: list[str] | None = None,
+              branchings: list[int] | None = None, anchor: bool = True) -> list[dict[str, Any]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = [measure(recipe, vocab_size=vocab_size, store=None, steps=steps, warmup=warmup, device=device,
-                    compile=compile)]
+                    compile=compile)] if anchor else []
     for store in stores:
         rows.append(measure(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
                             compile=compile))
-    base = rows[0]["tokens_per_s"]
+    if tiers or branchings:
+        rows += tier_rows(recipe, vocab_size=vocab_size, tiers=list(tiers or []), branchings=list(branchings or []),
+                          steps=steps, warmup=warmup, device=device, compile=compile)
+    base = rows[0]["tokens_per_s"] if anchor else None
     for row in rows:
-        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3)
+        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3) if base else None
         row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,22 @@ class StreamSampler(Sampler[int]):
             pos += self.world
 
 
+class AnnouncingLoader:
+    """A DataLoader that passes each training batch's paths to `announce` as the batch is drawn.
+
+    Lightning draws batch n+1 before it runs step n, so the bank (`store.prefetch`) can stage the next step's blocks
+    while the current one computes. The paths stay on the CPU; nothing else about the batch changes.
+    """
+
+    def __init__(self, loader: DataLoader, announce):
+        self.loader, self.announce = loader, announce
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.announce(batch["path"])
+            yield batch
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, index_dir: str | Path, *, batch_size: int, seed: int, num_workers: int = 0,
                  val_batch_size: int | None = None):
@@ -50,6 +66,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_set: SequenceShards | None = None
         self.val_set: SequenceShards | None = None
         self.subtree_plan = None  # trainer.data_parallel=subtree: set by fit() (hmlm.train.affine.SubtreePlan)
+        self.announce = None      # the bank's prefetch hook, set by HMLMModule.setup (AnnouncingLoader)
 
     def setup(self, stage: str | None = None) -> None:
         shards = self.index_dir / "shards"
@@ -74,12 +91,14 @@ class ShardDataModule(L.LightningDataModule):
             # a rank draws from its own subtrees; one process reproducing N ranks draws all N batches per step
             ranks = [rank] if world > 1 else list(range(self.subtree_plan.world))
             sampler = SubtreeSampler(self.subtree_plan, self.seed, self.batch_size, ranks=ranks, start_step=step)
-            return DataLoader(self.train_set, batch_size=self.batch_size * len(ranks), sampler=sampler,
-                              num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
-        sampler = StreamSampler(len(self.train_set), self.seed, start=step * self.batch_size * world,
-                                rank=rank, world=world)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+            loader = DataLoader(self.train_set, batch_size=self.batch_size * len(ranks), sampler=sampler,
+                                num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+        else:
+            sampler = StreamSampler(len(self.train_set), self.seed, start=step * self.batch_size * world,
+                                    rank=rank, world=world)
+            loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                                num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+        return loader if self.announce is None else AnnouncingLoader(loader, self.announce)  # type: ignore[return-value]
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

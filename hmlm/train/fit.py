@@ -114,7 +114,7 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
 
     vocab = padded_vocab_size(index_meta["tokenizer"]["vocab_size"])
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    model = build_model(recipe, vocab)
+    model = build_model(recipe, vocab, init_bank=ckpt_path is None)  # a resume restores (and reopens) the bank
     if recipe.anchor.init_from:
         init_anchor_from(model, recipe.anchor.init_from)
     module = HMLMModule(recipe, model)
@@ -200,7 +200,7 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
         if final_eval and n_val:
             from ..eval.perplexity import heldout_perplexity
 
-            loaded = load_model_dir(model_dir, device=module.device)
+            loaded = load_model_dir(model_dir, device=module.device, model=export_model)  # in memory: no re-read
             ppl = heldout_perplexity(loaded, index_dir, batch_size=recipe.trainer.batch_size, progress=progress)
             result["heldout_perplexity"] = ppl
             table = Table(title=f"held-out perplexity ({n_val} sequences, {index_dir})")

@@ -85,9 +85,29 @@ class HMLMModule(L.LightningModule):
                 # this rank keeps only its own blocks and the shared ones it helps train
                 store = self.model.store
                 store.restrict({k: torch.from_numpy(v) for k, v in
-                                self.subtree_plan.held_rows(rank, list(store.tensors)).items()})
+                                self.subtree_plan.held_rows(rank, store.keys()).items()})
                 self.bank_sync = BankSync(self.subtree_plan, store, rank)
                 self.bank_sync.counter = self.comm_counter
+
+        self._announce_batches()
+
+    def _announce_batches(self) -> None:
+        """Let the bank see each training batch's paths when the loader yields it, one step before the batch is used
+        (Lightning draws a batch ahead), so host/disk levels stage its blocks while the current step computes."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "announce") and self.train_memory and self.model.store is not None \
+                and hasattr(self.model.store, "prefetch"):
+            dm.announce = self.model.store.prefetch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # the bank gathers blocks by paths on the CPU; moving them to the device would cost a sync per step to read
+        # them back
+        if isinstance(batch, dict) and "path" in batch:
+            moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "path"}, device,
+                                                     dataloader_idx)
+            moved["path"] = batch["path"]
+            return moved
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _world(self) -> tuple[int, int]:
         trainer = self._trainer
@@ -201,7 +221,7 @@ class HMLMModule(L.LightningModule):
         if self.train_memory:
             self.log("lr/memory", opts[-1].param_groups[0]["lr"], on_step=True)
         for key, val in stats.items():
-            self.log(key, float(val), on_step=True)
+            self.log(key, val, on_step=True)  # tensors stay on the device until Lightning writes the logs
         return loss.detach()
 
     def _doc_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -219,8 +239,12 @@ class HMLMModule(L.LightningModule):
     def _rank_bank_file(self, step: int, rank: int) -> Path:
         return Path(self.recipe.out_dir) / "checkpoints" / "bank-ranks" / f"step-{step:06d}" / f"rank-{rank:03d}.safetensors"
 
+    def _bank_checkpoint_dir(self, rel: str) -> Path:
+        return Path(self.recipe.out_dir) / "checkpoints" / rel
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model.store is not None and self.model.store.held:
+        store = self.model.store
+        if store is not None and store.held:
             # subtree-parallel: every rank runs this hook; each writes its own blocks beside the checkpoint
             from safetensors.torch import save_file
 
@@ -229,29 +253,35 @@ class HMLMModule(L.LightningModule):
             rank, world = self._world()
             path = self._rank_bank_file(self.global_step, rank)
             with atomic_write_path(path) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.store.state_dict().items()},
-                          str(tmp))
+                save_file({k: v.detach().cpu().contiguous() for k, v in store.state_dict().items()}, str(tmp))
             checkpoint["hmlm_bank_ranks"] = {"step": self.global_step, "world": world}
-        elif self.model.store is not None:
-            checkpoint["hmlm_bank"] = {k: v.detach().cpu() for k, v in self.model.store.state_dict().items()}
+        elif store is not None:
+            # the bank is not pickled into the checkpoint: per-level files beside it (docs/design.md §8), written
+            # before Lightning writes the checkpoint that names them
+            rel = f"bank/step-{self.global_step:06d}"
+            manifest = store.save_checkpoint(self._bank_checkpoint_dir(rel), self.global_step)
+            checkpoint["hmlm_bank_checkpoint"] = {"dir": rel, "manifest": manifest}
         checkpoint["hmlm_rng"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model.store is not None and "hmlm_bank_ranks" in checkpoint:
+        store = self.model.store
+        if store is not None and "hmlm_bank_ranks" in checkpoint:
             from safetensors.torch import load_file
 
             meta, (rank, world) = checkpoint["hmlm_bank_ranks"], self._world()
-            if meta["world"] != world or not self.model.store.held:
+            if meta["world"] != world or not store.held:
                 raise ValueError(f"checkpoint was written by a {meta['world']}-rank subtree-parallel run; resume it "
                                  f"with trainer.data_parallel=subtree on {meta['world']} ranks (this run: {world})")
             path = self._rank_bank_file(int(meta["step"]), rank)
             if not path.is_file():
                 raise ValueError(f"{path}: this rank's bank state for the checkpoint is missing")
-            self.model.store.load_state_dict(load_file(str(path)))
-        elif self.model.store is not None:
-            if "hmlm_bank" not in checkpoint:
-                raise ValueError("checkpoint has no memory bank state (`hmlm_bank`): it was written by a run "
-                                 "without memory; resume it with the same recipe")
-            self.model.store.load_state_dict(checkpoint["hmlm_bank"])
+            store.load_state_dict(load_file(str(path)))
+        elif store is not None:
+            saved = checkpoint.get("hmlm_bank_checkpoint")
+            if saved is None:
+                raise ValueError("checkpoint has no memory bank state (`hmlm_bank_checkpoint`): it was written by a "
+                                 "run without memory, or by an hmlm from before per-level bank checkpoints; resume "
+                                 "it with the same recipe and hmlm version")
+            store.load_checkpoint(self._bank_checkpoint_dir(saved["dir"]), saved["manifest"])
         if "hmlm_rng" in checkpoint:
             torch.set_rng_state(checkpoint["hmlm_rng"])
