@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device LRU of host/disk blocks for the cached phase (default: every level but the deepest)")
     b.add_argument("--disk-dir", type=Path, default=Path("runs/bench-fetch"), help="where disk-tier files go")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b = bench.add_parser("bank-io", help="bank start-up and export: init, export, load, checkpoint save/load per tier")
+    _recipe_args(b)
+    b.add_argument("--tiers", default="auto", help="';'-separated tier plans (one tier for all levels, or one per level)")
+    b.add_argument("--work-dir", type=Path, default=Path("runs/bench-bank-io"), help="scratch folder (removed after)")
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b = bench.add_parser("scaling", help="data-parallel throughput on 1..N devices: subtree-affine vs DDP of the bank")
     _recipe_args(b)
     b.add_argument("--devices", default="1,2", help="world sizes to measure, e.g. 1,2,4,8")
@@ -177,6 +182,20 @@ def _bench(args, recipe) -> int:
                   out_dir=args.out_dir, tasks=tasks, limit=args.limit, console=console)
         return 0
 
+    if args.bench == "bank-io":
+        from .bench.bank_io import run_bank_io
+
+        rows = run_bank_io(recipe, vocab_size=_vocab_for(recipe), tiers=[t for t in args.tiers.split(";") if t],
+                           workdir=args.work_dir, out=args.out)
+        table = Table(title=f"bank I/O, {rows[0]['device']}, {rows[0]['bank_params']:,} parameters, seconds (GB/s)")
+        cols = ("init", "export", "load", "checkpoint_save", "checkpoint_load")
+        table.add_column("tiers")
+        for col in cols:
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["tiers"], *(f"{r[c + '_s']} ({r[c + '_gb_per_s']})" for c in cols))
+        console.print(table)
+        return 0
     if args.bench == "fetch":
         from .bench.fetch import run_fetch_bench
 

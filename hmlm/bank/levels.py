@@ -36,7 +36,7 @@ import torch
 from .blockio import BlockIO, BlockIOFactory, ThreadPoolBlockIO, aligned_empty
 from .levelfile import (HEADER, BankFileError, UndoLog, check_level_file, create_level_file, fsync_dir, new_file_id,
                         read_undo, undo_epochs, undo_path)
-from .rows import RowFormat
+from .rows import RowFormat, checksums_via
 
 MAX_STAGED_TASKS = 4
 
@@ -147,8 +147,12 @@ class TensorStorage:
             self.v.index_copy_(0, idx, batch.v.to(self.device))
 
     def read_range(self, a: int, b: int, with_state: bool, state_mask: torch.Tensor) -> RowBatch:
-        rows = torch.arange(a, b)
-        return self.read(rows, with_state, state_mask[a:b])
+        """Rows a..b: views of the storage (no copy) unless never-written state must read as zeros."""
+        if not with_state:
+            return RowBatch(self.params[a:b])
+        if self.m is None or (not self.dense_state and not bool(state_mask[a:b].all())):
+            return self.read(torch.arange(a, b), with_state, state_mask[a:b])
+        return RowBatch(self.params[a:b], self.m[a:b], self.v[a:b])
 
     def write_range(self, a: int, batch: RowBatch) -> None:
         b = a + batch.params.shape[0]
@@ -182,6 +186,7 @@ class FileStorage:
     def __init__(self, fmt: RowFormat, nodes: int, path: Path, *, key: str, create: bool, threads: int,
                  io_factory: BlockIOFactory | None = None, pin: bool = False, exported: tuple[int, int] | None = None):
         self.fmt, self.nodes, self.path, self.key, self.pin = fmt, nodes, Path(path), key, pin
+        self.checksum_device: torch.device | None = None   # an accelerator to sum bulk reads and writes on
         self.writable = exported is None
         factory = io_factory or ThreadPoolBlockIO
         self.checksums = torch.zeros((nodes, 2), dtype=torch.int64)
@@ -226,9 +231,9 @@ class FileStorage:
     def verify(self, rows: torch.Tensor, rec: torch.Tensor, with_state: bool, state_mask: torch.Tensor) -> None:
         want = self.checksums[rows]
         if with_state:
-            bad = (self.fmt.checksums(rec, state_mask).cpu() != want).any(1)
+            bad = (checksums_via(self.checksum_device, self.fmt, rec, state_mask) != want).any(1)
         else:
-            bad = self.fmt.param_checksums(rec).cpu() != want[:, 0]
+            bad = checksums_via(self.checksum_device, self.fmt, rec, params_only=True) != want[:, 0]
         if bool(bad.any()):
             raise BankFileError(f"{self.path}: rows {rows[bad][:5].tolist()} fail their checksum (a torn or corrupt "
                                 "disk-tier file); resume from the last checkpoint")
@@ -238,7 +243,7 @@ class FileStorage:
         """Write records rec[i] to rows[i] (their first `nbytes`, default the whole record)."""
         fmt = self.fmt
         if checksums is None:
-            checksums = fmt.checksums(rec, state_mask)
+            checksums = checksums_via(self.checksum_device, fmt, rec, state_mask)
         r = rows.numpy()
         with self.lock:
             if self.snapshot_step is not None:
@@ -254,7 +259,7 @@ class FileStorage:
             self.checksums[rows] = checksums.cpu()
 
     def read_range(self, a: int, b: int, with_state: bool, state_mask: torch.Tensor, verify: bool = True) -> RowBatch:
-        if not self.writable:   # a model directory's file: rows of values only, at their own stride
+        if not self.writable or not with_state:   # only the values: each record's first bytes
             return self.read(torch.arange(a, b), False, state_mask[a:b], verify=verify)
         rec = self._buffer(b - a, self.fmt.stride)
         self.io.read_range(a, rec)
@@ -385,6 +390,15 @@ class DeviceLevel(Level):
 
     def fetch(self, rows: torch.Tensor, with_state: bool) -> RowBatch:
         return self.storage.read(rows, with_state, self.state_rows[rows])
+
+    def fetch_state(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the optimizer state of rows (the update has their values from the fetch)."""
+        st = self.storage
+        if st.m is None:
+            return (torch.zeros((len(rows), self.fmt.numel), dtype=self.fmt.m_dtype, device=st.device),
+                    torch.zeros((len(rows), self.fmt.v_numel), dtype=self.fmt.v_dtype, device=st.device))
+        idx = rows.to(st.device, non_blocking=True)
+        return st.m.index_select(0, idx), st.v.index_select(0, idx)
 
     def store(self, rows: torch.Tensor, batch: RowBatch) -> None:
         self.storage.write(rows, batch)
@@ -553,6 +567,8 @@ class PipelinedLevel(Level):
             batch, event = self._read_to_device(srows, with_state, self.state_rows[srows])
             if self.cuda:
                 current.wait_event(event)
+                for t in batch.tensors() + ([batch.rec] if batch.rec is not None else []):
+                    t.record_stream(current)
             sources.append((_Staged(r[sync], self.version[r[sync]], with_state, self.state_rows[srows], {},
                                     batch=batch), sync, list(range(len(sync)))))
         out = empty_batch(self.fmt, n, self.compute_device, with_state, record=with_state)

@@ -11,7 +11,7 @@ A *record* is a row plus its AdamW state in one byte buffer, sections aligned to
 Staging buffers, the disk tier's level files and the checkpoint level files all use it, so a block and its state
 travel in one read and one write, at offsets aligned for direct I/O.
 
-Checksums (`word_checksums`) are computed where the bytes are (GPU or CPU) with integer arithmetic modulo 2**64, so a
+Checksums (`word_checksums`) are computed where the bytes are (GPU or CPU) with integer arithmetic modulo 2**32, so a
 checksum computed on the GPU while writing equals the one computed on the CPU while reading.
 """
 from __future__ import annotations
@@ -130,8 +130,18 @@ class RowFormat:
         return out
 
 
+def checksums_via(device: torch.device | None, fmt: RowFormat, rec: torch.Tensor, state: torch.Tensor | None = None,
+                  *, params_only: bool = False) -> torch.Tensor:
+    """Checksums of records (CPU result), computed on `device` when it is an accelerator: copying a chunk over PCIe
+    and summing it there is many times faster than summing it on the CPU (bulk initialisation, export, checkpoints)."""
+    if device is not None and device.type == "cuda" and rec.device.type == "cpu":
+        rec = rec.to(device, non_blocking=rec.is_pinned())
+    out = fmt.param_checksums(rec) if params_only else fmt.checksums(rec, state)
+    return out.cpu()
+
+
 _WEIGHTS: dict[tuple[int, int, str], torch.Tensor] = {}
-_K = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer (golden-ratio multiplier)
+_K = -1640531535  # 0x9E3779B1 (the golden-ratio multiplier) as a signed 32-bit integer
 
 
 def _weights(base: int, n: int, device: torch.device) -> torch.Tensor:
@@ -139,18 +149,23 @@ def _weights(base: int, n: int, device: torch.device) -> torch.Tensor:
     w = _WEIGHTS.get(key)
     if w is None:
         idx = torch.arange(base + 1, base + n + 1, dtype=torch.int64, device=device)
-        w = (idx * _K) | 1   # odd: a change of any one 16-bit word always changes the sum
-        if len(_WEIGHTS) > 64:
+        w = ((idx * _K) | 1).to(torch.int32)   # odd: a change of any one 16-bit word always changes the sum
+        if len(_WEIGHTS) > 256:
             _WEIGHTS.clear()
         _WEIGHTS[key] = w
     return w
 
 
-def word_checksums(buf: torch.Tensor, base: int = 0, chunk_words: int = 1 << 22) -> torch.Tensor:
-    """[U] int64 checksums of byte rows [U, n] (n even): sum_j w_(base+j) * word_j mod 2**64 over 16-bit words.
+CHUNK_WORDS = 1 << 16
 
-    Integer sums are exact modulo 2**64 in any order, so CPU and CUDA agree bit for bit. It detects torn writes,
-    truncation, foreign files and bit flips (any single changed word changes it); it is not a cryptographic hash.
+
+def word_checksums(buf: torch.Tensor, base: int = 0) -> torch.Tensor:
+    """[U] int64 checksums of byte rows [U, n] (n even): sum_j w_(base+j) * word_j mod 2**32 over 16-bit words.
+
+    Integer sums are exact modulo 2**32 in any order and at any accumulator width, so the GPU (torch), the CPU (numpy,
+    which does this ~4x faster than torch on a CPU) and any chunking agree bit for bit. It detects torn writes,
+    truncation, foreign files and bit flips (any single changed word changes it; other corruptions escape with
+    probability ~2**-32); it is not a cryptographic hash.
     """
     rows, n = buf.shape
     if n % 2:
@@ -159,10 +174,20 @@ def word_checksums(buf: torch.Tensor, base: int = 0, chunk_words: int = 1 << 22)
         words = buf.view(torch.int16)  # a section of records: strided rows, no copy
     except RuntimeError:
         words = buf.contiguous().view(torch.int16)
-    total = torch.zeros(rows, dtype=torch.int64, device=buf.device)
     nw = words.shape[1]
-    chunk_words = max(1024, chunk_words // max(1, rows))  # bounded temporaries (int64 words) on a full GPU
-    for a in range(0, nw, chunk_words):
-        b = min(nw, a + chunk_words)
-        total += (words[:, a:b].to(torch.int64) * _weights(base + a, b - a, buf.device)).sum(1)
-    return total
+    if buf.device.type == "cpu":
+        import numpy as np
+
+        arr = words.numpy()
+        total = np.zeros(rows, dtype=np.int32)
+        for a in range(0, nw, CHUNK_WORDS):
+            b = min(nw, a + CHUNK_WORDS)
+            total += arr[:, a:b].astype(np.int32) @ _weights(base + a, b - a, buf.device).numpy()
+        return torch.from_numpy(total.astype(np.int64))
+    total = torch.zeros(rows, dtype=torch.int32, device=buf.device)
+    step = max(1024, (1 << 22) // max(1, rows))  # bounded temporaries on a full GPU
+    for a in range(0, nw, step):
+        b = min(nw, a + step)
+        prod = words[:, a:b].to(torch.int32).mul_(_weights(base + a, b - a, buf.device))
+        total += prod.sum(1, dtype=torch.int32)
+    return total.to(torch.int64)

@@ -42,7 +42,7 @@ from .levelfile import (HEADER, BankFileError, check_level_file, create_level_fi
                         read_meta, write_meta)
 from .levels import DeviceLevel, FileStorage, Level, PipelinedLevel, RowBatch, TensorStorage, pack_records
 from .optim import AdamHyper, RowUpdater, UpdateGroup, lazy_adamw
-from .rows import DTYPE_NAMES, RowFormat
+from .rows import DTYPE_NAMES, RowFormat, checksums_via
 from .safefile import SafetensorsError, read_header, read_tensor, tensor_slice, write_streamed
 
 GENERIC = "generic"
@@ -231,6 +231,7 @@ class TieredStore:
         # a resume reopens the working file (load_checkpoint checks it is the checkpoint's); otherwise a new one
         storage = FileStorage(fmt, nodes, path, key=key, create=create or not path.is_file(), threads=self.io_threads,
                               io_factory=self.io_factory, pin=dev.type == "cuda")
+        storage.checksum_device = dev
         return PipelinedLevel(key, fmt, nodes, dev, storage, "disk")
 
     def _move(self, device: torch.device) -> None:
@@ -249,6 +250,7 @@ class TieredStore:
                 level.stream = torch.cuda.Stream(device) if level.cuda else None
                 if isinstance(level.storage, FileStorage):
                     level.storage.pin = level.cuda
+                    level.storage.checksum_device = device
         if self.cache is not None:
             self.cache = _BlockCache(self.cache.capacity)
 
@@ -462,14 +464,23 @@ class TieredStore:
             level = self.levels[f.key]
             rows_dev = f.rows.to(dev, non_blocking=True)
             level.steps.index_add_(0, rows_dev, torch.ones_like(rows_dev))
-            batch = f.batch if f.batch is not None else level.fetch(f.rows, True)
+            batch = f.batch
+            if batch is None and f.leaf is not None and isinstance(level, DeviceLevel):
+                # the values are the leaf's; only the moments are read, and the rows are written back whole
+                m, v = level.fetch_state(f.rows)
+                batch = RowBatch(None, m, v)  # type: ignore[arg-type]
+            elif batch is None:
+                batch = level.fetch(f.rows, True)
             params = f.leaf.detach() if f.leaf is not None else batch.params.to(torch.float32, copy=True)
             work.append((f, level, batch, UpdateGroup(level.fmt, params, f.gradient().float(), batch.m.float(),
                                                       batch.v.float(), level.steps.index_select(0, rows_dev))))
         self.updater([w[3] for w in work], AdamHyper(lr, beta1, beta2, eps, weight_decay), scale)
         updated = 0
         for f, level, batch, g in work:
-            batch.params.copy_(g.params)
+            if batch.params is None:
+                batch.params = g.params.to(level.fmt.dtype)
+            else:
+                batch.params.copy_(g.params)
             if g.m is not batch.m:
                 batch.m.copy_(g.m)
             if g.v is not batch.v:
@@ -645,7 +656,7 @@ class TieredStore:
                 for a, b in self._chunks(level):
                     rows = level.read_range(a, b, False).params
                     buf = rows.contiguous().view(torch.uint8).view(b - a, fmt.param_bytes)
-                    sums[a:b] = fmt.param_checksums(buf).cpu()
+                    sums[a:b] = checksums_via(self.compute_device, fmt, buf, params_only=True)
                     yield rows.cpu()
 
             meta = {"format": BANK_FILE_FORMAT, "key": key, "dtype": DTYPE_NAMES[fmt.dtype],
@@ -699,15 +710,19 @@ class TieredStore:
                                       io_factory=self.io_factory, pin=self.compute_device.type == "cuda",
                                       exported=(start + a0, fmt.param_bytes))
                 storage.checksums[:, 0] = sums
+                storage.checksum_device = self.compute_device
                 level = self.levels[key] = PipelinedLevel(key, fmt, level.nodes, self.compute_device, storage, "disk")
             else:
                 io = ThreadPoolBlockIO(path, base=start + a0, stride=fmt.param_bytes, writable=False,
                                        threads=self.io_threads, direct=False)
+                cuda = level.tier == "device" and self.compute_device.type == "cuda"
                 try:
                     for a, b in self._chunks(level):
-                        buf = torch.empty((b - a, fmt.param_bytes), dtype=torch.uint8)
+                        buf = torch.empty((b - a, fmt.param_bytes), dtype=torch.uint8, pin_memory=cuda)
                         io.read_range(a, buf)
-                        bad = fmt.param_checksums(buf) != sums[a:b]
+                        if cuda:  # checksummed where the rows land
+                            buf = buf.to(self.compute_device, non_blocking=True)
+                        bad = checksums_via(self.compute_device, fmt, buf, params_only=True) != sums[a:b]
                         if bool(bad.any()):
                             rows = (torch.nonzero(bad).squeeze(1) + a)[:5].tolist()
                             raise BankFileError(f"{path}: blocks {rows} fail their checksum (corrupt or modified "
@@ -783,10 +798,14 @@ class TieredStore:
             rows_per = max(1, CHUNK_BYTES // fmt.stride)
             for a in range(0, level.nodes, rows_per):
                 b = min(level.nodes, a + rows_per)
-                batch = level.read_range(a, b, True)
                 mask = level.state_rows[a:b]
-                rec = pack_records(fmt, batch)
-                checksums[a:b] = fmt.checksums(rec, mask).cpu()
+                if bool(mask.any()):
+                    rec = pack_records(fmt, level.read_range(a, b, True))
+                else:   # no optimizer state in this chunk yet: the values alone
+                    values = level.read_range(a, b, False).params
+                    rec = torch.zeros((b - a, fmt.param_span), dtype=torch.uint8, device=values.device)
+                    fmt.params(rec).copy_(values)
+                checksums[a:b] = checksums_via(self.compute_device, fmt, rec, mask)
                 rec = rec.cpu()
                 with_state = torch.nonzero(mask).squeeze(1)
                 without = torch.nonzero(~mask).squeeze(1)
@@ -823,6 +842,11 @@ class TieredStore:
             else:
                 self._read_level_copy(level, directory / info["file"], info["file_id"], meta)
             level.state_rows = meta["state_rows"].clone()
+            if isinstance(level, DeviceLevel) and level.storage.m is not None:
+                # dense device state: rows without state in the checkpoint must not keep what they held before
+                fresh = (~level.state_rows).to(level.storage.device)
+                level.storage.m[fresh] = 0
+                level.storage.v[fresh] = 0
             level.set_steps(meta["steps"])
         self._snapshot = (str(directory), step, {"manifest": manifest, "updates": self._steps_taken})
         if self.cache is not None:
@@ -836,16 +860,21 @@ class TieredStore:
             rows_per = max(1, CHUNK_BYTES // fmt.stride)
             for a in range(0, level.nodes, rows_per):
                 b = min(level.nodes, a + rows_per)
-                rec = aligned_empty(b - a, fmt.stride)
-                io.read_range(a, rec)
                 mask = meta["state_rows"][a:b]
-                rec[~mask, fmt.m_offset:] = 0
-                bad = (fmt.checksums(rec, mask) != meta["checksums"][a:b]).any(1)
+                with_state = bool(mask.any())
+                if with_state:
+                    rec = aligned_empty(b - a, fmt.stride)
+                    io.read_range(a, rec)
+                    rec[~mask, fmt.m_offset:] = 0
+                else:   # values only (rows never updated have no state in the copy)
+                    rec = aligned_empty(b - a, fmt.param_span)
+                    io.read_rows(range(a, b), rec, fmt.param_bytes)
+                bad = (checksums_via(self.compute_device, fmt, rec, mask) != meta["checksums"][a:b]).any(1)
                 if bool(bad.any()):
                     rows = (torch.nonzero(bad).squeeze(1) + a)[:5].tolist()
                     raise BankFileError(f"{path}: rows {rows} fail their checksum (a torn or corrupt checkpoint "
                                         "file); resume from an earlier checkpoint")
-                level.write_range(a, RowBatch.of_record(fmt, rec, True))
+                level.write_range(a, RowBatch.of_record(fmt, rec, with_state))
         finally:
             io.close()
 
