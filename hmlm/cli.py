@@ -218,8 +218,7 @@ def _bench(args, recipe) -> int:
                      tiers=[t for t in args.tiers.split(";") if t],
                      branchings=[int(k) for k in args.branching.split(",") if k])
     table = Table(title=f"training step, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
-    cols = ("config", "branching", "bank_params", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor",
-            "peak_mem_gib", "host_rss_gib")
+    cols = ("config", "bank_params", "step_ms", "tokens_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib")
     for col in cols:
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
