@@ -17,11 +17,9 @@ import sys
 
 
 def rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    from hmlm.utils import proc_status_bytes
+
+    return proc_status_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def child(tier: str, nodes: int, r: int, steps: int, batch: int) -> dict:

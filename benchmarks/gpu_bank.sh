@@ -5,13 +5,15 @@
 #   bash benchmarks/gpu_bank.sh OUT_DIR [DISK_DIR]
 #
 # Needs hmlm installed with its entry points (`pip install --no-deps -e .`, plus the omegaconf wheel on the GPU image).
-# DISK_DIR (default OUT_DIR/disk) holds the disk tier's level files: up to ~26 GB for the 410M rows; it is removed at
-# the end. Rows, with their expected wall time on an H100 (process start, bank fill, warm-up and timed steps):
-#   1. 160M + 4.6B bank, 16 x 2048: anchor alone, tiers auto, device+device+host, all host (fp32 moments)   ~100 s
-#      + device,device,disk and all-device with bf16 moments (the latter may not fit: it records the OOM)     ~50 s
-#   2. bank-size sweep, same fetch size, k = 2, 4, 8, 16 (48M ... 4.6B bank), tiers auto, 16 x 2048          ~80 s
-#   3. bench fetch: one memory (18M parameters) from device / host / host+host+disk, cold, warm, cached       ~40 s
-#   4. 410M + 12.7B bank, 8 x 2048, factored moments: anchor alone, tiers auto, device+host+disk               ~150 s
+# DISK_DIR (default OUT_DIR/disk) holds the disk tier's level files (up to ~8 GB) and the bank-io scratch (~19 GB);
+# it is removed at the end. Rows, with their expected wall time on an H100 (process start ~15 s, bank fill, warm-up
+# and timed steps):
+#   1. 160M + 4.6B bank, 16 x 2048, fp32 moments: anchor alone; tiers auto, device+device+host, all host,
+#      device+device+disk                                                                                ~120 s
+#   2. bank-size sweep at the same fetch size, k = 2, 4, 8, 16 (48M ... 4.6B bank), tiers auto, 16 x 2048   ~80 s
+#   3. bench fetch: one memory (18M parameters) from device / host / host+host+disk, cold, warm, cached      ~40 s
+#   4. bench bank-io: init, export, load, checkpoint save/load of the 4.6B bank, tiers auto                  ~45 s
+#   5. 410M + 12.7B bank, 8 x 2048, factored moments: anchor alone and tiers auto                            ~100 s
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_bank.sh OUT_DIR [DISK_DIR]}"
 disk="${2:-$out/disk}"
@@ -39,10 +41,9 @@ run() {  # name, limit in seconds, hmlm arguments...
 }
 
 # 1. the 160M rows at 16 x 2048 (anchor baseline in the same process as its memory rows)
-run train160_b16 170 bench train --recipe "$q" "${p160[@]}" trainer.batch_size=16 --stores "" \
-    --tiers "auto;device,device,host;host" --steps 8 --warmup 2 --out "$out/train160_b16.json"
-run train160_b16_bf16 110 bench train --recipe "$q" "${p160[@]}" trainer.batch_size=16 memory.optim_state=bf16 \
-    --stores "" --tiers "device,device,disk;device" --steps 8 --warmup 2 --out "$out/train160_b16_bf16.json"
+run train160_b16 200 bench train --recipe "$q" "${p160[@]}" trainer.batch_size=16 memory.io_threads=16 --stores "" \
+    --tiers "auto;device,device,host;host;device,device,disk" --steps 8 --warmup 2 --out "$out/train160_b16.json"
+rm -rf "$disk/160m"
 # 2. the bank-size sweep (tiers auto at every size)
 run sweep160_b16 140 bench train --recipe "$q" "${p160[@]}" trainer.batch_size=16 --stores "" --tiers "" \
     --branching 2,4,8,16 --steps 8 --warmup 2 --out "$out/sweep160_b16.json"
@@ -51,9 +52,12 @@ rm -rf "$disk/160m"
 run fetch160 90 bench fetch --recipe "$q" "${p160[@]}" --tiers "device;host;host,host,disk" --prompts 50 \
     --disk-dir "$disk/fetch" --out "$out/fetch160.json"
 rm -rf "$disk/fetch"
-# 4. the 410M configuration: 12.7B bank at 8 x 2048 (factored moments: 2 bytes of state per parameter)
-run train410_b8 220 bench train --recipe "$q" "${p410[@]}" trainer.batch_size=8 memory.optim_state=factored \
-    --stores "" --tiers "auto;device,host,disk" --steps 6 --warmup 2 --out "$out/train410_b8.json"
+# 4. start-up and export of the 4.6B bank
+run bankio160 120 bench bank-io --recipe "$q" "${p160[@]}" memory.io_threads=16 trainer.batch_size=16 \
+    --tiers "auto" --work-dir "$disk/bankio" --out "$out/bankio160.json"
+# 5. the 410M configuration: 12.7B bank at 8 x 2048 (factored moments: ~2 bytes of state per parameter)
+run train410_b8 150 bench train --recipe "$q" "${p410[@]}" trainer.batch_size=8 memory.optim_state=factored \
+    memory.io_threads=16 --stores "" --tiers "auto" --steps 6 --warmup 2 --out "$out/train410_b8.json"
 du -sh "$disk"/* >> "$out/machine.txt" 2>/dev/null
 rm -rf "$disk"
 echo "rows in $out:"; ls "$out"

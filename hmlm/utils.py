@@ -81,3 +81,16 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def proc_status_bytes(path: str, field: str) -> int | None:
+    """A `Field:  N kB` value of a /proc status file (MemAvailable in /proc/meminfo, VmRSS in /proc/self/status) in
+    bytes; None where there is no such file (not Linux) or field."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

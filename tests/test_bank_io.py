@@ -120,7 +120,8 @@ def test_legacy_per_tensor_bank_files_load(tmp_path):
     src = TieredStore(layout(), seed=4)
     (tmp_path / "bank").mkdir()
     for key in src.keys():
-        save_file({n: t.contiguous() for n, t in src.named_tensors(key).items()}, str(tmp_path / "bank" / f"{key}.safetensors"))
+        tensors = {n: t.contiguous() for n, t in src.named_tensors(key).items()}
+        save_file(tensors, str(tmp_path / "bank" / f"{key}.safetensors"))
     dst = TieredStore(layout(), init=False)
     dst.load(tmp_path / "bank")
     for key in src.keys():

@@ -33,7 +33,7 @@ def fake_loss(fetched: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
 ACTIONS = st.sampled_from(["announce_next", "announce_next2", "announce_random", "none", "infer"])
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches=st.lists(paths_strategy(4), min_size=2, max_size=6), actions=st.lists(ACTIONS, min_size=6, max_size=6),
        noise=paths_strategy(4), tiers=st.sampled_from([["host"] * 3, ["disk"] * 3, ["host", "disk", "device"]]),
        optim_state=st.sampled_from(["fp32", "bf16", "factored"]))

@@ -13,8 +13,8 @@ The default, `ThreadPoolBlockIO`, issues one `os.preadv`/`os.pwritev` per record
 GIL, so records are read in parallel). It opens the file with O_DIRECT when the records are aligned and the file system
 accepts it, so reads bypass the page cache and cost what the device costs; otherwise it falls back to buffered I/O and
 says so once in the log (records that are not 4 KiB-aligned, e.g. a model directory's bank file whose block size is
-not a multiple of 4 KiB, are read through the page cache). Buffers must be 4 KiB-aligned for O_DIRECT (`aligned_empty` makes such buffers, pinned when
-CUDA is present).
+not a multiple of 4 KiB, are read through the page cache). Buffers must be 4 KiB-aligned for O_DIRECT
+(`aligned_empty` makes such buffers, pinned when CUDA is present).
 """
 from __future__ import annotations
 
@@ -90,40 +90,34 @@ class ThreadPoolBlockIO:
             return self.dfd
         return self.fd
 
-    def _pread(self, buf: np.ndarray, offset: int) -> None:
-        n = buf.nbytes
-        done = 0
+    def _transfer(self, buf: np.ndarray, offset: int, write: bool) -> None:
+        """All of buf from/to the file at offset: O_DIRECT while aligned, else (or after a failure) the page cache."""
+        n, done = buf.nbytes, 0
+        op = os.pwritev if write else os.preadv
         while done < n:
             fd = self._fd_for(buf[done:], offset + done, n - done)
             try:
-                got = os.preadv(fd, [memoryview(buf[done:])], offset + done)
+                got = op(fd, [memoryview(buf[done:])], offset + done)
             except OSError as exc:
                 if fd != self.dfd:
                     raise
-                _warn_once("odirect-io", f"bank disk tier: O_DIRECT read of {self.path} failed ({exc}); "
-                                         "falling back to buffered I/O")
+                _warn_once("odirect-io", f"bank disk tier: O_DIRECT {'write to' if write else 'read of'} {self.path} "
+                                         f"failed ({exc}); falling back to buffered I/O")
                 os.close(self.dfd)
                 self.dfd = None
                 continue
-            if got == 0:  # past the end of a sparse file: zeros
+            if got == 0 and not write:  # past the end of a sparse file: zeros
                 buf[done:] = 0
                 return
+            if got == 0:
+                raise OSError(f"{self.path}: no progress writing at offset {offset + done}")
             done += got
 
+    def _pread(self, buf: np.ndarray, offset: int) -> None:
+        self._transfer(buf, offset, write=False)
+
     def _pwrite(self, buf: np.ndarray, offset: int) -> None:
-        n = buf.nbytes
-        done = 0
-        while done < n:
-            fd = self._fd_for(buf[done:], offset + done, n - done)
-            try:
-                done += os.pwritev(fd, [memoryview(buf[done:])], offset + done)
-            except OSError as exc:
-                if fd != self.dfd:
-                    raise
-                _warn_once("odirect-io", f"bank disk tier: O_DIRECT write to {self.path} failed ({exc}); "
-                                         "falling back to buffered I/O")
-                os.close(self.dfd)
-                self.dfd = None
+        self._transfer(buf, offset, write=True)
 
     def _span(self, nbytes: int, out: torch.Tensor) -> int:
         span = min(align(nbytes, ALIGN), out.shape[1]) if self.dfd is not None else nbytes

@@ -41,6 +41,13 @@ from .rows import RowFormat, checksums_via
 MAX_STAGED_TASKS = 4
 
 
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (row numbers) on `device` without stalling the host: pinned, then copied asynchronously."""
+    if device.type != "cuda" or index.device.type != "cpu":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class RowBatch:
     """Rows of one level in storage dtypes: params [U, P]; m and v when the optimizer state travels along.
@@ -120,7 +127,7 @@ class TensorStorage:
 
     def read(self, rows: torch.Tensor, with_state: bool, state_mask: torch.Tensor,
              out: RowBatch | None = None) -> RowBatch:
-        idx = rows.to(self.device, non_blocking=True)
+        idx = to_device(rows, self.device)
         p = torch.index_select(self.params, 0, idx, out=None if out is None else out.params)
         if not with_state:
             return RowBatch(p, rec=None if out is None else out.rec)
@@ -139,7 +146,7 @@ class TensorStorage:
         return RowBatch(p, m, v, None if out is None else out.rec)
 
     def write(self, rows: torch.Tensor, batch: RowBatch) -> None:
-        idx = rows.to(self.device, non_blocking=True)
+        idx = to_device(rows, self.device)
         self.params.index_copy_(0, idx, batch.params.to(self.device))
         if batch.has_state:
             self._alloc_state()
@@ -397,7 +404,7 @@ class DeviceLevel(Level):
         if st.m is None:
             return (torch.zeros((len(rows), self.fmt.numel), dtype=self.fmt.m_dtype, device=st.device),
                     torch.zeros((len(rows), self.fmt.v_numel), dtype=self.fmt.v_dtype, device=st.device))
-        idx = rows.to(st.device, non_blocking=True)
+        idx = to_device(rows, st.device)
         return st.m.index_select(0, idx), st.v.index_select(0, idx)
 
     def store(self, rows: torch.Tensor, batch: RowBatch) -> None:
@@ -451,7 +458,8 @@ class PipelinedLevel(Level):
         return isinstance(self.storage, FileStorage)
 
     # ------------------------------------------------------------------ worker side
-    def _read_to_device(self, rows: torch.Tensor, with_state: bool, state_mask: torch.Tensor) -> tuple[RowBatch, object]:
+    def _read_to_device(self, rows: torch.Tensor, with_state: bool,
+                        state_mask: torch.Tensor) -> tuple[RowBatch, object]:
         """Read rows from the storage into (pinned) host buffers and on to the compute device; verify disk reads."""
         if self.disk:
             host = self.storage.read(rows, with_state, state_mask, verify=self.verify_reads and not self.cuda)
@@ -573,8 +581,8 @@ class PipelinedLevel(Level):
                                     batch=batch), sync, list(range(len(sync)))))
         out = empty_batch(self.fmt, n, self.compute_device, with_state, record=with_state)
         for src, dst, pos in sources:
-            d = torch.tensor(dst, dtype=torch.long).to(self.compute_device, non_blocking=True)
-            p = torch.tensor(pos, dtype=torch.long).to(self.compute_device, non_blocking=True)
+            d = to_device(torch.tensor(dst, dtype=torch.long), self.compute_device)
+            p = to_device(torch.tensor(pos, dtype=torch.long), self.compute_device)
             for o, s in zip(out.tensors(), src.batch.tensors()):
                 o.index_copy_(0, d, s.index_select(0, p))
         # a training fetch consumes the stage tasks up to the newest one it used (the loader announces batches in

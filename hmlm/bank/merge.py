@@ -2,9 +2,9 @@
 
 Each rank of a `trainer.data_parallel=subtree` run holds only its blocks (docs/distributed.md). At the end of training
 it writes them to `<out_dir>/ranks/rank-RRR/bank/<key>.safetensors`: `blocks`, the held rows (one row per block, the
-store's row layout), plus `_rows`, their global node ids. `merge_rank_banks` puts the rows back into a full store, which the ordinary
-model directory (hmlm.export) then saves: the merged model is indistinguishable from a single-process one. The same
-merge serves the paper's "train each subtree as an independent job, then merge".
+store's row layout), plus `_rows`, their global node ids. `merge_rank_banks` puts the rows back into a full store,
+which the ordinary model directory (hmlm.export) then saves: the merged model is indistinguishable from a
+single-process one. The same merge serves the paper's "train each subtree as an independent job, then merge".
 """
 from __future__ import annotations
 

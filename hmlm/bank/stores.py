@@ -40,7 +40,8 @@ from .blockio import BlockIOFactory, ThreadPoolBlockIO, aligned_empty
 from .layout import BankLayout
 from .levelfile import (HEADER, BankFileError, check_level_file, create_level_file, fsync_dir, new_file_id,
                         read_meta, write_meta)
-from .levels import DeviceLevel, FileStorage, Level, PipelinedLevel, RowBatch, TensorStorage, pack_records
+from .levels import (DeviceLevel, FileStorage, Level, PipelinedLevel, RowBatch, TensorStorage, pack_records,
+                     to_device)
 from .optim import AdamHyper, RowUpdater, UpdateGroup, lazy_adamw
 from .rows import DTYPE_NAMES, RowFormat, checksums_via
 from .safefile import SafetensorsError, read_header, read_tensor, tensor_slice, write_streamed
@@ -326,15 +327,16 @@ class TieredStore:
                 key = f"l{lvl}"
                 leaf = self._leaf(key, self.local_rows(key, unique), grad)
                 # one gather per level: every sample's row [B, P]
-                per_level.append(self.formats[key].named(leaf.index_select(0, inverse.to(dev, non_blocking=True))))
+                per_level.append(self.formats[key].named(leaf.index_select(0, to_device(inverse, dev))))
             parts.append({name: torch.cat([pl[name] for pl in per_level], dim=1 + s.rank_axis)
                           for name, s in spec.items()})
         if len(generic_rows):
-            leaf = self.formats[GENERIC].named(self._leaf(GENERIC, self.local_rows(GENERIC, torch.zeros(1, dtype=torch.long)), grad))
+            rows = self.local_rows(GENERIC, torch.zeros(1, dtype=torch.long))
+            leaf = self.formats[GENERIC].named(self._leaf(GENERIC, rows, grad))
             parts.append({name: t.expand(len(generic_rows), *t.shape[1:]) for name, t in leaf.items()})
         if len(parts) == 1:
             return parts[0]
-        restore = torch.argsort(torch.cat([path_rows, generic_rows])).to(dev, non_blocking=True)
+        restore = to_device(torch.argsort(torch.cat([path_rows, generic_rows])), dev)
         return {name: torch.cat([p[name] for p in parts]).index_select(0, restore) for name in spec}
 
     def _leaf(self, key: str, rows: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -462,7 +464,7 @@ class TieredStore:
         work = []
         for f in groups:
             level = self.levels[f.key]
-            rows_dev = f.rows.to(dev, non_blocking=True)
+            rows_dev = to_device(f.rows, dev)
             level.steps.index_add_(0, rows_dev, torch.ones_like(rows_dev))
             batch = f.batch
             if batch is None and f.leaf is not None and isinstance(level, DeviceLevel):

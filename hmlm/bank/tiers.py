@@ -75,14 +75,10 @@ class LevelPlan:
 
 def host_memory_available() -> int:
     """MemAvailable from /proc/meminfo (Linux); physical pages otherwise."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from ..utils import proc_status_bytes
+
+    avail = proc_status_bytes("/proc/meminfo", "MemAvailable")
+    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def disk_free(path: str | Path) -> int:

@@ -145,14 +145,9 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
 
 
 def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from ..utils import proc_status_bytes
+
+    return proc_status_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,

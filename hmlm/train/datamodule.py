@@ -98,7 +98,9 @@ class ShardDataModule(L.LightningDataModule):
                                     rank=rank, world=world)
             loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                 num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
-        return loader if self.announce is None else AnnouncingLoader(loader, self.announce)  # type: ignore[return-value]
+        if self.announce is None:
+            return loader
+        return AnnouncingLoader(loader, self.announce)  # type: ignore[return-value]
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
