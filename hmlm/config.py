@@ -336,7 +336,7 @@ def validate(r: Recipe, source: str) -> None:
     from .bank.tiers import TierError, normalize_tiers  # local: the bank package imports torch
 
     try:
-        normalize_tiers(r.memory.tiers, len(r.memory.sizes))
+        normalize_tiers(r.memory.tiers, list(r.memory.sizes))
     except TierError as exc:
         bad("memory.tiers", str(exc))
     if r.memory.store in ("device", "host") and r.memory.tiers not in ("auto", r.memory.store, [r.memory.store]):

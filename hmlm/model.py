@@ -93,7 +93,9 @@ def plan_tiers(recipe: Recipe, layout: BankLayout, anchor: nn.Module | None = No
         params = layout.level_params(lvl)
         levels.append(LevelPlan(f"l{lvl}", lvl + 1, layout.nodes(lvl), params, params * elt, int(params * per_state),
                                 min(1.0, batch / layout.nodes(lvl))))
-    forced = normalize_tiers(mem.store if mem.store in ("device", "host") else mem.tiers, len(layout.sizes))
+    forced = normalize_tiers(mem.store if mem.store in ("device", "host") else mem.tiers, list(mem.sizes))
+    if forced is not None:  # layout.sizes pads memory.sizes with empty levels to the tree's depth
+        forced = forced + ["device"] * (len(layout.sizes) - len(forced))
     forced_active = None if forced is None else [forced[lp.level - 1] for lp in levels]
     cuda = torch.cuda.is_available() and recipe.trainer.accelerator in ("auto", "gpu", "cuda")
     host = int(mem.host_budget_gb * GiB) if mem.host_budget_gb is not None else int(0.8 * host_memory_available())

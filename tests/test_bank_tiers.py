@@ -18,14 +18,16 @@ SHAPE = AnchorShape(n_layers=2, d_model=8, n_heads=1, head_dim=8, ffn_dim=16)
 
 
 def test_normalize_tiers():
-    assert normalize_tiers("auto", 3) is None
-    assert normalize_tiers("host", 3) == ["host"] * 3
-    assert normalize_tiers(["disk"], 2) == ["disk", "disk"]
-    assert normalize_tiers(["device", "host", "disk"], 3) == ["device", "host", "disk"]
+    assert normalize_tiers("auto", [4, 2, 1]) is None
+    assert normalize_tiers("host", [4, 2, 1]) == ["host"] * 3
+    assert normalize_tiers(["disk"], [4, 2]) == ["disk", "disk"]
+    assert normalize_tiers(["device", "host", "disk"], [4, 2, 1]) == ["device", "host", "disk"]
+    # one per level with memory: the paper's (256,64,16,0) takes three tiers
+    assert normalize_tiers(["device", "host", "disk"], [4, 2, 1, 0]) == ["device", "host", "disk", "device"]
     with pytest.raises(TierError, match="2 tiers"):
-        normalize_tiers(["device", "host"], 3)
+        normalize_tiers(["device", "host"], [4, 2, 1])
     with pytest.raises(TierError, match="unknown tier 'ssd'"):
-        normalize_tiers(["device", "ssd", "disk"], 3)
+        normalize_tiers(["device", "ssd", "disk"], [4, 2, 1])
 
 
 def plans():

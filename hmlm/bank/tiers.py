@@ -27,8 +27,10 @@ class TierError(ValueError):
     """A tier plan that cannot be made or does not fit; the message names the key and the numbers."""
 
 
-def normalize_tiers(tiers: Any, n_levels: int) -> list[str] | None:
-    """`auto` -> None; one tier -> that tier for every level; a list -> validated, one entry per level."""
+def normalize_tiers(tiers: Any, sizes: Sequence[int]) -> list[str] | None:
+    """`auto` -> None; one tier -> that tier for every level; a list -> one tier per level (entries of `sizes`),
+    where a list with one entry per level that holds memory (size > 0) is accepted too."""
+    n_levels = len(sizes)
     if tiers is None or tiers == "auto":
         return None
     if isinstance(tiers, str):
@@ -36,14 +38,20 @@ def normalize_tiers(tiers: Any, n_levels: int) -> list[str] | None:
             raise TierError(f"got {tiers!r}, expected auto, {', '.join(TIERS)} or a list with one tier per level")
         return [tiers] * n_levels
     items = [str(t) for t in tiers]
-    if len(items) == 1 and items[0] in TIERS:
-        return items * n_levels
-    if len(items) != n_levels:
-        raise TierError(f"{len(items)} tiers {items} for {n_levels} levels (memory.sizes); give one per level, "
-                        "one for all, or auto")
     bad = [t for t in items if t not in TIERS]
     if bad:
         raise TierError(f"unknown tier {bad[0]!r} in {items}; tiers are {', '.join(TIERS)}")
+    if len(items) == 1:
+        return items * n_levels
+    active = [i for i, r in enumerate(sizes) if r > 0]
+    if len(items) == len(active) != n_levels:
+        out = ["device"] * n_levels
+        for i, t in zip(active, items):
+            out[i] = t
+        return out
+    if len(items) != n_levels:
+        raise TierError(f"{len(items)} tiers {items} for {n_levels} levels (memory.sizes {list(sizes)}, {len(active)} "
+                        "with memory); give one per level, one per level with memory, one for all, or auto")
     return items
 
 

@@ -75,7 +75,10 @@ class HMLMModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         if self.model.store is not None:
-            self.model.store.to_compute(self.device)
+            # the strategy's device, not self.device: Lightning moves the module only after setup, and the bank's
+            # levels are created (and a resume restored) where they will live
+            strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+            self.model.store.to_compute(getattr(strategy, "root_device", None) or self.device)
         if self.subtree_plan is not None and self._world()[1] > 1 and self.comm_counter is None:
             from .affine import BankSync, CommCounter
 
