@@ -222,7 +222,10 @@ def _bench(args, recipe) -> int:
     for col in cols:
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
-        table.add_row(*(str(r.get(c)) for c in cols))
+        if r.get("error"):  # e.g. a tier plan that does not fit: the row says so and the others still ran
+            table.add_row(r["config"], "", r["error"].split(":")[0], *[""] * (len(cols) - 3))
+        else:
+            table.add_row(*(str(r.get(c)) for c in cols))
     console.print(table)
     return 0
 

@@ -150,6 +150,22 @@ def _rss_bytes() -> int:
     return proc_status_bytes("/proc/self/status", "VmRSS") or 0
 
 
+def measure_or_oom(recipe: Recipe, **kw) -> dict[str, Any]:
+    """`measure`, or a row saying the configuration ran out of accelerator memory (the next rows still run)."""
+    try:
+        return measure(recipe, **kw)
+    except torch.cuda.OutOfMemoryError as exc:
+        message = str(exc).splitlines()[0]
+    import gc
+
+    gc.collect()  # the failed row's model and bank (held by the traceback until here)
+    torch.cuda.empty_cache()
+    return {"config": f"anchor + memory ({kw.get('store')} store) tiers {recipe.memory.tiers}",
+            "tiers": str(recipe.memory.tiers), "branching": recipe.index.router.branching,
+            "batch": recipe.trainer.batch_size, "seq_len": recipe.data.seq_len, "tokens_per_s": None,
+            "error": f"out of memory: {message}"}
+
+
 def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,
               device: torch.device, compile: bool = False) -> list[dict[str, Any]]:
     """Memory rows of the tiered store: one per tier plan (`auto`, `host`, `device,device,host`, ...) at the recipe's
@@ -158,14 +174,14 @@ def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: 
     for spec in tiers:
         plan: Any = spec.split(",") if "," in spec else spec
         r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
-        rows.append(measure(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
-                            compile=compile))
+        rows.append(measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup,
+                                   device=device, compile=compile))
     for k in branchings:
         plan = tiers[0].split(",") if tiers and "," in tiers[0] else (tiers[0] if tiers else "auto")
         r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan),
                     index=replace(recipe.index, router=replace(recipe.index.router, branching=k)))
-        row = measure(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
-                      compile=compile)
+        row = measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
+                             compile=compile)
         row["sweep"] = "bank size"
         rows.append(row)
     return rows
@@ -186,7 +202,7 @@ def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int,
                           steps=steps, warmup=warmup, device=device, compile=compile)
     base = rows[0]["tokens_per_s"] if anchor else None
     for row in rows:
-        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3) if base else None
+        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3) if base and row["tokens_per_s"] else None
         row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
