@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args, recipe)
         if args.command == "index":
             from .index import ensure_index
-            from .train.preflight import check_paths
+            from .train.paths import check_paths
 
             check_paths(recipe, args.recipe)
             ensure_index(recipe, console, rebuild=args.rebuild, verify=True)

@@ -99,7 +99,7 @@ class MemoryConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3             # peak
+    lr: float = 1e-3             # peak (>= 0; 0 holds the group's weights exactly)
     min_lr: float = 1e-4         # cosine floor
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -402,8 +402,8 @@ def _validate_budget_and_io(r: Recipe, bad) -> None:
 
 
 def _validate_optim(prefix: str, o: OptimConfig, bad) -> None:
-    if not o.lr > 0:
-        bad(f"{prefix}.lr", f"must be > 0, got {o.lr}")
+    if not o.lr >= 0:  # 0 is allowed: it holds the group's weights exactly (AdamW's decay is lr * weight_decay)
+        bad(f"{prefix}.lr", f"must be >= 0 (0 = this group does not move), got {o.lr}")
     if not 0 <= o.min_lr <= o.lr:
         bad(f"{prefix}.min_lr", f"must be in [0, {prefix}.lr={o.lr}], got {o.min_lr}")
     if o.warmup_steps < 0:

@@ -2,13 +2,14 @@
 
 Every refusal is checked the same way (`refused`): exit code 2, one `error:` message without a traceback that names
 the file and the key, and not one byte of the run directory changed (every file hashed before and after). The rows
-of the issue are marked in the test names' comments. One tiny run is trained once for the module and copied per test.
+of the issue are marked in the test names' comments. The session's tiny run (conftest.tiny_model_dir) is copied per test.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import yaml
 from conftest import tiny_recipe_dict
 from hmlm.cli import main
 
-STEPS = 4  # the trained run: checkpoints step-000002, step-000004 and last.ckpt (= step 4)
+STEPS = 20  # the session's tiny run (conftest.tiny_model_dir): checkpoints every 3 steps, the newest 3 kept
+NEWEST = "step-000018.ckpt"  # = last.ckpt
 
 
 @dataclass
@@ -33,25 +35,15 @@ class Case:
     corpus: Path
 
     def write_recipe(self, **overrides) -> Path:
-        d = tiny_recipe_dict(self.corpus, self.dir, **{"trainer.max_steps": STEPS, "trainer.ckpt_every": 2,
-                                                       **overrides})
+        d = tiny_recipe_dict(self.corpus, self.dir, **{"trainer.max_steps": STEPS, **overrides})
         self.recipe.write_text(yaml.safe_dump(d), encoding="utf-8")
         return self.recipe
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_corpus) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    case = Case(root / "run", root / "recipe.yaml", small_corpus)
-    case.write_recipe()
-    assert main(["fit", "--recipe", str(case.recipe)]) == 0
-    return case.dir
-
-
 @pytest.fixture
-def case(trained, tmp_path, small_corpus) -> Case:
+def case(tiny_model_dir, tmp_path, small_corpus) -> Case:
     c = Case(tmp_path / "run", tmp_path / "recipe.yaml", small_corpus)
-    shutil.copytree(trained, c.dir)
+    shutil.copytree(tiny_model_dir.parent, c.dir)
     c.write_recipe()
     return c
 
@@ -166,6 +158,21 @@ def test_second_fit_on_a_running_out_dir_refuses(capsys, case):
         holder.wait(timeout=30)
 
 
+def test_index_rebuild_refuses_while_a_fit_reads_it(capsys, case):
+    from hmlm.utils import FileLock
+
+    reader = FileLock(case.dir / ".index.lock")  # what a running fit holds on its index
+    assert reader.acquire(shared=True)
+    try:
+        before = snapshot(case.dir)
+        code = main(["index", "--recipe", str(case.recipe), "--rebuild"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 2 and "in use by another hmlm process" in err and str(case.dir / "index") in err, err
+        assert_unchanged(before, snapshot(case.dir))
+    finally:
+        reader.release()
+
+
 def test_bad_index_shard_changes_nothing(capsys, case):  # row 1 (truncated shard) and row 5 (flipped bits)
     shard = sorted((case.dir / "index" / "shards").glob("train-*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
@@ -206,8 +213,9 @@ def test_out_dir_that_is_a_file_and_unreadable_init_from(capsys, case, tmp_path)
 # ----------------------------------------------------------------------------- row 2: non-finite loss
 def test_nan_loss_stops_with_exit_2_and_keeps_the_previous_run(capsys, case):
     message = refused(capsys, case, "--overwrite", "optim.anchor.lr=1e6", "optim.memory.lr=1e6",
-                      names=(case.recipe, "non-finite loss or gradient at step", "optim.anchor.lr",
+                      names=(case.recipe, "training stopped: a non-finite", "optim.anchor.lr",
                              "trainer.nonfinite.skip", "no model was exported"))
+    assert re.search(r"non-finite (loss|value in \S+) at step \d", message), message
     assert "NaN" not in (case.dir / "fit_result.json").read_text()
     assert "no checkpoint of this run was written" in message
 
@@ -252,11 +260,11 @@ def test_nonfinite_weights_are_found_by_name():
     from hmlm.train.guard import first_nonfinite_weight
 
     anchor = torch.nn.Linear(3, 2)
-    module = SimpleNamespace(model=SimpleNamespace(anchor=anchor, store=None))
-    assert first_nonfinite_weight(module) is None
+    model = SimpleNamespace(anchor=anchor, store=None)
+    assert first_nonfinite_weight(model) is None
     with torch.no_grad():
         anchor.bias[1] = float("inf")
-    assert first_nonfinite_weight(module) == "anchor.bias"
+    assert first_nonfinite_weight(model) == "anchor.bias"
 
 
 # ----------------------------------------------------------------------------- rows 3 and 6: checkpoints
@@ -269,14 +277,14 @@ def flip(path: Path, at: float = 0.6) -> None:
 def test_corrupt_checkpoint_is_refused_and_the_advice_works(capsys, case):
     last = case.dir / "checkpoints" / "last.ckpt"
     flip(last)
-    message = refused(capsys, case, "--resume", "last.ckpt", names=(last, "checksum mismatch", "step-000004.ckpt"))
+    message = refused(capsys, case, "--resume", "last.ckpt", names=(last, "checksum mismatch", NEWEST))
     advice = message[message.index("`hmlm fit"):].split("`")[1]
-    assert advice == f"hmlm fit --recipe {case.recipe} --resume step-000004.ckpt"
+    assert advice == f"hmlm fit --recipe {case.recipe} --resume {NEWEST}"
     corrupt = last.read_bytes()
-    code, text = fit_cli(capsys, *advice.split()[2:], f"trainer.max_steps={STEPS + 1}")
+    code, text = fit_cli(capsys, *advice.split()[2:], "trainer.max_steps=19")
     assert code == 0, text
-    assert "resuming from" in text and "step-000004.ckpt" in text
-    assert json.loads((case.dir / "fit_result.json").read_text())["steps"] == STEPS + 1
+    assert "resuming from" in text and NEWEST in text
+    assert json.loads((case.dir / "fit_result.json").read_text())["steps"] == 19
     kept = list((case.dir / "checkpoints").glob(".superseded-*/last.ckpt"))
     assert len(kept) == 1 and kept[0].read_bytes() == corrupt  # moved aside, not overwritten
 
@@ -291,10 +299,10 @@ def test_resume_falls_back_to_the_newest_valid_checkpoint_after_a_killed_run(cap
     (case.dir / ".model.abc123.tmp" / "anchor.safetensors").write_bytes(b"partial")
     (case.dir / "index").rename(case.dir / ".index.old")  # killed in the middle of an index replace
     (case.dir / ".index.xyz789.tmp").mkdir()
-    (case.dir / "checkpoints" / ".step-000006.ckpt.q1w2e3.tmp").write_bytes(b"partial")
-    text = trained_ok(capsys, case, "--resume", f"trainer.max_steps={STEPS + 1}")
+    (case.dir / "checkpoints" / ".step-000021.ckpt.q1w2e3.tmp").write_bytes(b"partial")
+    text = trained_ok(capsys, case, "--resume", "trainer.max_steps=19")
     assert "taking over a stale lock" in text and f"pid {int(dead.stdout)}" in text
-    assert "last.ckpt: checksum mismatch" in text and "step-000004.ckpt (step 4)" in text
+    assert "last.ckpt: checksum mismatch" in text and f"{NEWEST} (step 18)" in text
     assert "restored" in text and ".index.old" in text
     leftovers = [p.name for p in case.dir.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert leftovers == []
@@ -313,7 +321,7 @@ def test_every_checkpoint_corrupt_or_unverifiable(capsys, case):
     (case.dir / "checkpoints" / "last.ckpt.sha256").unlink()
     message = refused(capsys, case, "--resume", names=("no checkpoint", "can be used", "--overwrite",
                                                        "no checksum file", "--no-verify"))
-    assert "step-000002.ckpt: checksum mismatch" in message
+    assert "step-000012.ckpt: checksum mismatch" in message
 
 
 def test_resolve_resume_rules(case):
@@ -322,14 +330,14 @@ def test_resolve_resume_rules(case):
 
     ckpts = case.dir / "checkpoints"
     point = resolve_resume(case.dir, None, verify=True, command="c")
-    assert point.path.name == "last.ckpt" and point.step == STEPS and point.supersede == []
-    point = resolve_resume(case.dir, "step-000002.ckpt", verify=True, command="c")
-    assert point.step == 2 and sorted(p.name for p in point.supersede) == ["last.ckpt", "step-000004.ckpt"]
+    assert point.path.name == "last.ckpt" and point.step == 18 and point.supersede == []
+    point = resolve_resume(case.dir, "step-000012.ckpt", verify=True, command="c")
+    assert point.step == 12 and sorted(p.name for p in point.supersede) == ["last.ckpt", "step-000015.ckpt", NEWEST]
     (ckpts / "last.ckpt.sha256").unlink()  # a checkpoint from before checksums: only --no-verify trusts it
     with pytest.raises(FitError, match="no checksum file"):
         resolve_resume(case.dir, "last.ckpt", verify=True, command="c")
-    assert resolve_resume(case.dir, "last.ckpt", verify=False, command="c").step == STEPS
-    with pytest.raises(FitError, match="no such checkpoint.*step-000004.ckpt"):
+    assert resolve_resume(case.dir, "last.ckpt", verify=False, command="c").step == 18
+    with pytest.raises(FitError, match=f"no such checkpoint.*{NEWEST}"):
         resolve_resume(case.dir, "step-000099.ckpt", verify=True, command="c")
 
 

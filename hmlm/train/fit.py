@@ -132,10 +132,63 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
         raise FitError(f"index {index_dir} was packed with seq_len {index_meta['seq_len']}, recipe asks "
                        f"{recipe.data.seq_len}")
     n_val = int(index_meta.get("counts", {}).get("val_sequences", 0))
-    validate = n_val > 0 and recipe.trainer.val_batches > 0
     if n_val == 0:
         console.print("[yellow]fit[/] no validation split (data.val_fraction=0): training without validation or "
                       "held-out perplexity")
+    module, dm = _build(recipe, state, index_dir, source, with_val=n_val > 0)
+
+    # everything that can be checked has been: only now does the previous run (--overwrite) or a checkpoint newer than
+    # the one resumed from make way, and only until the first new checkpoint if training fails
+    if run is not None:
+        if state.resume is not None:
+            run.supersede(state.resume.supersede)
+        elif overwrite:
+            run.move_aside()
+        with atomic_write_path(out_dir / "recipe.yaml") as tmp:
+            tmp.write_text(to_yaml(recipe), encoding="utf-8")
+    guard = NonFiniteGuard(skip=recipe.trainer.nonfinite.skip, check_every=recipe.trainer.log_every, source=source,
+                           datamodule=dm, console=console)
+    trainer = _trainer(recipe, state, guard, run, validate=n_val > 0 and recipe.trainer.val_batches > 0,
+                       verify=verify, progress=progress, console=console)
+    if recipe.trainer.data_parallel == "subtree":
+        _plan_subtrees(recipe, index_dir, trainer, module, dm, console)
+    if recipe.trainer.compile:
+        module.model.anchor = torch.compile(module.model.anchor)
+    ckpt_path = None
+    if state.resume is not None:
+        ckpt_path = str(state.resume.path)
+        skipped = "".join(f"; skipped {s}" for s in state.resume.skipped)
+        console.print(f"[bold]fit[/] resuming from {state.resume.path} (step {state.resume.step}){skipped}")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    train_seconds = time.perf_counter() - t0
+    result: dict[str, Any] = {"out_dir": str(out_dir), "steps": trainer.global_step,
+                              "seconds": round(train_seconds, 1)}
+    if guard.skipped:
+        result["skipped_nonfinite_steps"] = list(guard.skipped)
+    export_model = _merged_model(recipe, trainer, module)
+    if trainer.is_global_zero:
+        # never export a non-finite model (the guard checked the trained module; a merged bank is checked here)
+        bad = first_nonfinite_weight(export_model)
+        if bad is not None:
+            raise FitError(f"{source}: the trained model holds a non-finite value in {bad}; it was not exported")
+        model_dir = save_model_dir(export_model, recipe, index_dir, out_dir / "model",
+                                   extra={"train": {"steps": trainer.global_step,
+                                                    "seconds": round(train_seconds, 1)}})
+        result["model_dir"] = str(model_dir)
+        if final_eval and n_val:
+            result["heldout_perplexity"] = _heldout(model_dir, index_dir, n_val, module.device, recipe, progress,
+                                                    console)
+        with atomic_write_path(out_dir / "fit_result.json") as tmp:
+            # allow_nan=False: a NaN/inf (a perplexity that overflows) is written as null, never as NaN
+            tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    console.print(f"[bold]fit[/] done: {trainer.global_step} steps in {time.perf_counter() - t0:.1f} s -> "
+                  f"{result.get('model_dir', out_dir)}")
+    return result
+
+
+def _build(recipe: Recipe, state: RunState, index_dir: Path, source: str, *,
+           with_val: bool) -> tuple[HMLMModule, ShardDataModule]:
+    """The model (with anchor.init_from), checked against the checkpoint to resume from, and the opened shards."""
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     try:
         model = build_model(recipe, index_vocab(index_dir))
@@ -150,25 +203,25 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
     if state.resume is not None:
         check_state_fits(state.resume, module, source)
     dm = ShardDataModule(index_dir, batch_size=recipe.trainer.batch_size, seed=recipe.seed,
-                         num_workers=recipe.data.num_workers, val=n_val > 0)
-    _open_shards(dm)
+                         num_workers=recipe.data.num_workers, val=with_val)
+    try:  # open the shards now: an unreadable one is a clear error before training starts
+        dm.setup("fit")
+    except (OSError, ValueError) as exc:
+        raise FitError(f"{str(exc).strip().splitlines()[0]}; rebuild the index (`hmlm index --recipe ... "
+                       "--rebuild`)") from None
+    except Exception as exc:  # safetensors' SafetensorError for a header it cannot parse
+        raise FitError(f"{dm.index_dir / 'shards'}: cannot read a shard ({short_reason(exc)}); rebuild the index "
+                       "(`hmlm index --recipe ... --rebuild`)") from None
+    return module, dm
 
-    # everything that can be checked has been: only now does the previous run (--overwrite) or a checkpoint newer than
-    # the one resumed from make way, and only until the first new checkpoint if training fails
-    if run is not None:
-        if state.resume is not None:
-            run.supersede(state.resume.supersede)
-        elif overwrite:
-            run.move_aside()
-        with atomic_write_path(out_dir / "recipe.yaml") as tmp:
-            tmp.write_text(to_yaml(recipe), encoding="utf-8")
-    t = recipe.trainer
+
+def _trainer(recipe: Recipe, state: RunState, guard: NonFiniteGuard, run: RunDir | None, *, validate: bool,
+             verify: bool, progress: bool, console: Console) -> L.Trainer:
+    t, out_dir = recipe.trainer, Path(recipe.out_dir)
     # the newest keep_last step checkpoints are kept ("step" is a monitor Lightning always provides), plus last.ckpt
     ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step-{step:06d}", save_last=True,
                               every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max",
                               auto_insert_metric_name=False)
-    guard = NonFiniteGuard(skip=t.nonfinite.skip, check_every=t.log_every, source=source, datamodule=dm,
-                           console=console)
     callbacks: list[Any] = [guard, RecipeStamp(model_stamp(recipe)), ckpt_cb]
     if t.eval_every > 0:
         from ..eval.callback import BucketEvalCallback
@@ -178,9 +231,9 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
     if progress:
         callbacks.append(StepProgressBar(leave=True))
     quiet_lightning_adverts()
-    loggers: list[Any] = [CSVLogger(out_dir, name="logs", version=state.log_segment)]
+    segment = state.log_segment
+    loggers: list[Any] = [CSVLogger(out_dir, name="logs", version=segment)]
     if _tensorboard_available():
-        segment = state.log_segment
         loggers.append(TensorBoardLogger(out_dir, name="logs", version=f"tb{('-' + segment) if segment else ''}"))
     else:
         console.print("[yellow]fit[/] tensorboard is not installed: logging to CSV only (pip install tensorboard)")
@@ -189,8 +242,9 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
         from .affine import subtree_ddp_strategy
 
         strategy = subtree_ddp_strategy()  # also runs a frozen anchor (DDP proper refuses a module it can't train)
-    ckpt_io = ChecksummedCheckpointIO(verify=verify, on_saved=(lambda path: run.commit(path)) if run else None)
-    trainer = L.Trainer(
+    # checksummed checkpoints; the first one written lets a run replaced by --overwrite go (RunDir.commit)
+    ckpt_io = ChecksummedCheckpointIO(verify=verify, on_saved=run.commit if run is not None else None)
+    return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=strategy, plugins=[ckpt_io],
         precision=precision_for(recipe), max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.val_every if validate else None, check_val_every_n_epoch=None,
@@ -198,87 +252,47 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
         log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
         use_distributed_sampler=False, default_root_dir=out_dir)
-    if t.data_parallel == "subtree":
-        from .affine import SubtreePlanError, plan_for_recipe
-
-        try:
-            subtree = plan_for_recipe(recipe, index_dir, trainer.world_size)
-        except SubtreePlanError as exc:
-            raise FitError(str(exc)) from None
-        module.subtree_plan = dm.subtree_plan = subtree
-        console.print(f"[bold]fit[/] subtree-parallel: {subtree.summary()}")
-        if trainer.world_size > 1 and validate:
-            # a rank holds only its own blocks, so it can't score other subtrees; the merged model is scored instead
-            trainer.limit_val_batches = 0
-    if t.compile:
-        module.model.anchor = torch.compile(module.model.anchor)
-    ckpt_path = None
-    if state.resume is not None:
-        ckpt_path = str(state.resume.path)
-        skipped = "".join(f"; skipped {s}" for s in state.resume.skipped)
-        console.print(f"[bold]fit[/] resuming from {state.resume.path} (step {state.resume.step}){skipped}")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    train_seconds = time.perf_counter() - t0
-    result: dict[str, Any] = {"out_dir": str(out_dir), "steps": trainer.global_step,
-                              "seconds": round(train_seconds, 1)}
-    if guard.skipped:
-        result["skipped_nonfinite_steps"] = list(guard.skipped)
-    export_model = module.model
-    if module.subtree_plan is not None and trainer.world_size > 1 and trainer.is_global_zero \
-            and module.model.store is not None:
-        from ..bank.merge import merge_rank_banks, rank_dirs
-        from ..model import MemoryLM, build_store
-
-        # every rank wrote its blocks to out_dir/ranks/ (HMLMModule.on_train_end); one full bank again
-        full = merge_rank_banks(rank_dirs(out_dir), build_store(recipe, module.model.layout, init=False))
-        export_model = MemoryLM(module.model.anchor, module.model.layout, full)
-    if trainer.is_global_zero:
-        # never export a non-finite model (the guard checked the trained module; a merged bank is checked here)
-        bad = first_nonfinite_weight(_Checked(export_model))
-        if bad is not None:
-            raise FitError(f"{source}: the trained model holds a non-finite value in {bad}; it was not exported")
-        model_dir = save_model_dir(export_model, recipe, index_dir, out_dir / "model",
-                                   extra={"train": {"steps": trainer.global_step,
-                                                    "seconds": round(train_seconds, 1)}})
-        result["model_dir"] = str(model_dir)
-        if final_eval and n_val:
-            from ..eval.perplexity import heldout_perplexity
-
-            loaded = load_model_dir(model_dir, device=module.device)
-            ppl = heldout_perplexity(loaded, index_dir, batch_size=t.batch_size, progress=progress)
-            result["heldout_perplexity"] = {k: _finite_or_none(v) for k, v in ppl.items()}
-            table = Table(title=f"held-out perplexity ({n_val} sequences, {index_dir})")
-            table.add_column("memory")
-            table.add_column("perplexity", justify="right")
-            for mode, value in ppl.items():
-                table.add_row(mode, f"{value:.2f}")
-            console.print(table)
-        with atomic_write_path(out_dir / "fit_result.json") as tmp:
-            # allow_nan=False: a NaN/inf (a perplexity that overflows) is written as null, never as NaN
-            tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    console.print(f"[bold]fit[/] done: {trainer.global_step} steps in {time.perf_counter() - t0:.1f} s -> "
-                  f"{result.get('model_dir', out_dir)}")
-    return result
 
 
-class _Checked:
-    """The shape first_nonfinite_weight reads (a module with `.model`), for a model that is not in a module."""
+def _plan_subtrees(recipe: Recipe, index_dir: Path, trainer: L.Trainer, module: HMLMModule, dm: ShardDataModule,
+                   console: Console) -> None:
+    from .affine import SubtreePlanError, plan_for_recipe
 
-    def __init__(self, model):
-        self.model = model
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _open_shards(dm: ShardDataModule) -> None:
-    """Open the shards now, so an unreadable one is a clear error before training (and before any checkpoint)."""
     try:
-        dm.setup("fit")
-    except (OSError, ValueError) as exc:
-        raise FitError(f"{str(exc).strip().splitlines()[0]}; rebuild the index (`hmlm index --recipe ... "
-                       "--rebuild`)") from None
-    except Exception as exc:  # safetensors' SafetensorError for a header it cannot parse
-        raise FitError(f"{dm.index_dir / 'shards'}: cannot read a shard ({short_reason(exc)}); rebuild the index "
-                       "(`hmlm index --recipe ... --rebuild`)") from None
+        subtree = plan_for_recipe(recipe, index_dir, trainer.world_size)
+    except SubtreePlanError as exc:
+        raise FitError(str(exc)) from None
+    module.subtree_plan = dm.subtree_plan = subtree
+    console.print(f"[bold]fit[/] subtree-parallel: {subtree.summary()}")
+    if trainer.world_size > 1 and trainer.limit_val_batches:
+        # a rank holds only its own blocks, so it can't score other subtrees; the merged model is scored instead
+        trainer.limit_val_batches = 0
+
+
+def _merged_model(recipe: Recipe, trainer: L.Trainer, module: HMLMModule):
+    """The model to export: the module's, or under subtree parallelism one full bank merged from every rank's."""
+    if module.subtree_plan is None or trainer.world_size == 1 or not trainer.is_global_zero \
+            or module.model.store is None:
+        return module.model
+    from ..bank.merge import merge_rank_banks, rank_dirs
+    from ..model import MemoryLM, build_store
+
+    # every rank wrote its blocks to out_dir/ranks/ (HMLMModule.on_train_end)
+    out_dir = Path(recipe.out_dir)
+    full = merge_rank_banks(rank_dirs(out_dir), build_store(recipe, module.model.layout, init=False))
+    return MemoryLM(module.model.anchor, module.model.layout, full)
+
+
+def _heldout(model_dir: Path, index_dir: Path, n_val: int, device, recipe: Recipe, progress: bool,
+             console: Console) -> dict[str, float | None]:
+    from ..eval.perplexity import heldout_perplexity
+
+    loaded = load_model_dir(model_dir, device=device)
+    ppl = heldout_perplexity(loaded, index_dir, batch_size=recipe.trainer.batch_size, progress=progress)
+    table = Table(title=f"held-out perplexity ({n_val} sequences, {index_dir})")
+    table.add_column("memory")
+    table.add_column("perplexity", justify="right")
+    for mode, value in ppl.items():
+        table.add_row(mode, f"{value:.2f}")
+    console.print(table)
+    return {k: (v if math.isfinite(v) else None) for k, v in ppl.items()}

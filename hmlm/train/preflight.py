@@ -3,14 +3,14 @@
 Order matters: `preflight` runs before the run directory is locked; `check_run_state` (the checkpoint to resume
 from, or the refusal to overwrite a run) right after, once a killed run's leftovers are repaired; both before the
 index is built and long before a previous run is moved aside, so a bad value, a missing path, an unavailable device
-or a checkpoint that does not fit can never cost the user an existing run. The checks are cheap: no weights are allocated (the model is built on the meta
-device), the Lightning Trainer is constructed once without a model to validate accelerator/devices/precision, and a
-checkpoint is read memory-mapped (its checksum is hashed once and remembered).
+or a checkpoint that does not fit can never cost the user an existing run. The checks are cheap: no weights are
+allocated (the model is built on the meta device), the Lightning Trainer is constructed once without a model to
+validate accelerator/devices/precision, and a checkpoint is read memory-mapped (its checksum is hashed once and
+remembered).
 """
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from ..config import Recipe, RecipeError, to_dict, validate
 from ..index import fingerprint, read_index_meta, vocab_size_for
 from .checkpoints import ResumePoint, checkpoint_problem, resolve_resume, sidecar_path, stamp_of
 from .errors import FitError, short_reason
+from .paths import bad_key, check_paths, readable
 from .rundir import existing_run, refusal
 
 
@@ -58,53 +59,6 @@ def check_run_state(recipe: Recipe, *, source: str, resume: bool | str, overwrit
     return RunState(point, _log_segment(out_dir, point))
 
 
-def _bad(source: str, key: str, msg: str) -> RecipeError:
-    return RecipeError(f"{source}: key `{key}`: {msg}")
-
-
-# ------------------------------------------------------------------------------------------------------------ paths
-def check_paths(recipe: Recipe, source: str) -> None:
-    """out_dir and index.dir can be directories we may write; the corpus (and tokenizer file) exist when the index
-    still has to be built."""
-    for key, value in (("out_dir", recipe.out_dir), ("index.dir", recipe.index.dir)):
-        _writable_dir(source, key, Path(value))
-    index_dir = Path(recipe.index.dir)
-    if (index_dir / "index.json").is_file():
-        return
-    if recipe.data.corpus != "bundled":
-        _readable(source, "data.corpus", Path(recipe.data.corpus))
-    if recipe.data.tokenizer.kind == "file" and recipe.data.tokenizer.path:
-        _readable(source, "data.tokenizer.path", Path(recipe.data.tokenizer.path))
-
-
-def _writable_dir(source: str, key: str, path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise _bad(source, key, f"{path} is a file, not a directory; remove it or choose another {key}")
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise _bad(source, key, f"{path} cannot be created: {probe} is a file")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise _bad(source, key, f"{path} is not writable ({probe} denies write access to this user)")
-
-
-def _readable(source: str, key: str, path: Path) -> None:
-    if not path.exists():
-        raise _bad(source, key, f"{path} does not exist")
-    target = path if path.is_file() else None
-    try:
-        if target is not None:
-            with open(target, "rb") as f:
-                f.read(1)
-        else:
-            os.listdir(path)
-    except OSError as exc:
-        raise _bad(source, key, f"cannot read {path} ({exc.strerror or exc})") from None
-
-
 # ---------------------------------------------------------------------------------------------------------- devices
 def precision_for(recipe: Recipe) -> str:
     if recipe.trainer.precision != "auto":
@@ -117,10 +71,10 @@ def check_devices(recipe: Recipe, source: str) -> None:
     t = recipe.trainer
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise _bad(source, "trainer.accelerator", f"{t.accelerator!r} needs a CUDA GPU, but torch {torch.__version__} "
+        raise bad_key(source, "trainer.accelerator", f"{t.accelerator!r} needs a CUDA GPU, but torch {torch.__version__} "
                                                   f"({build}) sees none; use trainer.accelerator=auto or cpu")
     if t.accelerator == "mps" and not torch.backends.mps.is_available():
-        raise _bad(source, "trainer.accelerator", "'mps' needs Apple-silicon MPS, which this machine does not have; "
+        raise bad_key(source, "trainer.accelerator", "'mps' needs Apple-silicon MPS, which this machine does not have; "
                                                   "use trainer.accelerator=auto or cpu")
     import lightning as L
 
@@ -165,7 +119,7 @@ def check_init_from(recipe: Recipe, source: str, *, verify: bool) -> None:
         return
     key, src = "anchor.init_from", Path(recipe.anchor.init_from)
     if not src.exists():
-        raise _bad(source, key, f"{src} does not exist (give a model directory, a .ckpt file or, for anchor.name=hf, "
+        raise bad_key(source, key, f"{src} does not exist (give a model directory, a .ckpt file or, for anchor.name=hf, "
                                 "a local Hugging Face checkpoint directory)")
     if src.is_dir():
         if (src / "model.json").is_file() and verify:
@@ -176,14 +130,14 @@ def check_init_from(recipe: Recipe, source: str, *, verify: bool) -> None:
                 meta = read_json_artifact(src / "model.json", ModelDirError, missing="no model.json")
                 verify_model_files(src, meta, only=["anchor.safetensors"])
             except ModelDirError as exc:
-                raise _bad(source, key, f"{exc} (or pass --no-verify)") from None
+                raise bad_key(source, key, f"{exc} (or pass --no-verify)") from None
         files = [f for f in (src / "anchor.safetensors", src / "config.json") if f.exists()]
     else:
         if verify and sidecar_path(src).is_file() and (problem := checkpoint_problem(src)) is not None:
-            raise _bad(source, key, f"{src}: {problem}")
+            raise bad_key(source, key, f"{src}: {problem}")
         files = [src]
     for f in files:
-        _readable(source, key, f)
+        readable(source, key, f)
         try:  # the headers only: a memory-mapped torch load, or the safetensors header
             if f.suffix == ".safetensors":
                 from safetensors import safe_open
@@ -198,7 +152,7 @@ def check_init_from(recipe: Recipe, source: str, *, verify: bool) -> None:
                         raise
                     torch.load(f, map_location="cpu", weights_only=True)  # a legacy (pre-zip) torch file
         except Exception as exc:
-            raise _bad(source, key, f"cannot read {f} as weights ({short_reason(exc)})") from None
+            raise bad_key(source, key, f"cannot read {f} as weights ({short_reason(exc)})") from None
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoint
