@@ -246,6 +246,7 @@ def test_a_bad_batch_is_skipped_and_the_stream_stays_resumable(capsys, case, mon
     assert result["steps"] == 3 and result["skipped_nonfinite_steps"] == [1]
     ckpts = sorted(p.name for p in (case.dir / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "step-000003.ckpt"]  # keep_last=1 (+ last.ckpt)
+    assert not list(case.dir.glob(".previous-*"))  # --overwrite: the old run went once the new one had a checkpoint
     ckpt = torch.load(case.dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
     assert ckpt["callbacks"]["NonFiniteGuard"]["skipped"] == [1]
     from hmlm.export import load_model_dir
@@ -307,6 +308,23 @@ def test_resume_falls_back_to_the_newest_valid_checkpoint_after_a_killed_run(cap
     leftovers = [p.name for p in case.dir.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert leftovers == []
     assert (case.dir / ".hmlm.lock").read_text() == ""  # released cleanly
+
+
+def test_a_killed_overwrite_is_undone_by_the_next_fit(capsys, case):
+    """kill -9 after --overwrite moved the old run aside and before the new run wrote a checkpoint: the next fit on the
+    directory puts the old run back (and then, being a fresh fit over a run, refuses)."""
+    original = snapshot(case.dir)
+    aside = case.dir / ".previous-20250101-000000"
+    aside.mkdir()
+    for entry in ("checkpoints", "logs", "model", "fit_result.json", "recipe.yaml"):
+        (case.dir / entry).rename(aside / entry)
+    (case.dir / "logs").mkdir()
+    (case.dir / "logs" / "metrics.csv").write_text("step,train/loss\n0,6.2\n")  # the killed run's partial log
+    (case.dir / ".hmlm.lock").write_text(json.dumps({"pid": 999_999_999, "host": "h", "started": "t",
+                                                     "previous": aside.name, "phase": "moved"}))
+    code, text = fit_cli(capsys, "--recipe", case.recipe)
+    assert code == 2 and "moved the run it replaced back" in text and "holds a previous run" in text, text
+    assert snapshot(case.dir) == original
 
 
 def test_checkpoint_from_another_recipe_is_refused(capsys, case):  # row 8
