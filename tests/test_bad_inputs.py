@@ -255,6 +255,55 @@ def test_a_bad_batch_is_skipped_and_the_stream_stays_resumable(capsys, case, mon
     assert all(torch.isfinite(p).all() for p in loaded.model.anchor.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks that the guard never syncs the host")
+def test_guard_adds_no_host_sync_per_step_on_cuda(tiny_recipe):
+    """trainer.nonfinite.skip=0: the per-step hooks only enqueue device work (any device->host sync raises here)."""
+    from types import SimpleNamespace
+
+    from hmlm.model import build_model
+    from hmlm.train.guard import NonFiniteGuard
+
+    model = build_model(tiny_recipe(), 512).cuda()
+    model.store.to_compute("cuda")
+    guard = NonFiniteGuard(skip=0, check_every=10, source="test")
+    ids = torch.randint(0, 512, (4, 63), device="cuda")
+    paths = torch.tensor([[0, 1, 2]] * 4, device="cuda")
+    module = SimpleNamespace(model=model, device=torch.device("cuda"))
+    for step in range(3):
+        trainer = SimpleNamespace(global_step=step)
+        loss = model(ids, paths=paths, memory="fetched", grad_memory=True).float().logsumexp(-1).mean()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            guard.on_before_backward(trainer, module, loss)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        loss.backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            guard.on_after_backward(trainer, module)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        model.store.discard_fetched()
+    assert int(guard._first_bad) == -1
+
+
+def test_guard_names_the_first_nonfinite_step():
+    """skip=0: losses are folded on the device each step; the check (log step, checkpoint, end) names the first bad."""
+    from types import SimpleNamespace
+
+    from hmlm.train.errors import NonFiniteError
+    from hmlm.train.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard(skip=0, check_every=10, source="r.yaml")
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    for step, loss in enumerate([2.0, float("nan"), 1.5, float("inf")]):
+        trainer = SimpleNamespace(global_step=step, strategy=strategy, checkpoint_callback=None)
+        guard.on_before_backward(trainer, None, torch.tensor(loss))
+    with pytest.raises(NonFiniteError, match=r"r\.yaml: training stopped: a non-finite loss at step 1\b"):
+        guard.check(trainer, None, weights=False)
+
+
 def test_nonfinite_weights_are_found_by_name():
     from types import SimpleNamespace
 
