@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 from .config import Recipe, recipe_from_dict, to_dict
 from .data.tokenizer import Tokenizer
 from .model import MemoryLM, build_anchor, build_layout, build_store
-from .utils import atomic_dir, read_json_artifact, sha256_file, versions, write_json
+from .utils import atomic_dir, read_json_artifact, sha256_file, verify_checksums, versions, write_json
 
 MODEL_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # 1: bank files with one tensor per name (w1, w2, ...) and sha256s
@@ -64,12 +64,41 @@ def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, 
                       "counts": index_meta["counts"], "corpus": index_meta["corpus"]},
             "versions": versions(),
             "checksums": sums,
+            # bank files are verified block by block while they are read (a file-level sha256 of a multi-GB level
+            # would cost minutes per load); this ties each file's checksum table to this export
             "bank_files": bank_files,
         }
         if extra:
             meta.update(extra)
         write_json(tmp / "model.json", meta)
     return out
+
+
+def verify_model_files(path: Path, meta: dict[str, Any], *, only: Sequence[str] | None = None,
+                       progress: bool = False) -> None:
+    """Check the model files against model.json's `checksums` (all of them, or the ones named in `only`).
+
+    A model.json without `checksums`, or one that leaves a weight file out of them, is refused: deleting the key
+    must not silently turn verification off. Loading such a model anyway takes an explicit verify=False
+    (`hmlm eval --no-verify`, `hmlm fit --no-verify` for anchor.init_from).
+    """
+    meta_path = path / "model.json"
+    sums = meta.get("checksums")
+    skip_hint = "or load it without verification: verify=False in the API, --no-verify on the command line"
+    if not isinstance(sums, dict) or not sums:
+        raise ModelDirError(f"{meta_path}: key `checksums` is missing, so the model files cannot be verified; "
+                            f"re-export the model (hmlm fit writes it), {skip_hint}")
+    weights = ([path / "anchor.safetensors", path / "tree.safetensors"] + sorted((path / "bank").glob("*"))
+               + sorted((path / "tokenizer").glob("*")))
+    bank_files = meta.get("bank_files") or {}
+    uncovered = [f for f in weights if f.is_file() and f.relative_to(path).as_posix() not in sums
+                 and not (f.parent.name == "bank" and f.name in bank_files)]
+    if uncovered:
+        raise ModelDirError(f"{uncovered[0]}: not covered by key `checksums` of {meta_path}, so it cannot be "
+                            f"verified; re-export the model, {skip_hint}")
+    if only is not None:
+        sums = {rel: sums[rel] for rel in only if rel in sums}
+    verify_checksums(path, sums, ModelDirError, listed_in=meta_path, fix="re-export the model", progress=progress)
 
 
 @dataclass
@@ -124,12 +153,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", veri
         raise ModelDirError(f"{meta_path}: model format {meta.get('format')!r}, this hmlm reads "
                             f"{', '.join(map(str, READABLE_FORMATS))}")
     if verify and model is None:
-        for rel, expected in meta.get("checksums", {}).items():
-            f = path / rel
-            if not f.is_file():
-                raise ModelDirError(f"{f}: missing file listed in model.json")
-            if sha256_file(f) != expected:
-                raise ModelDirError(f"{f}: checksum mismatch (corrupt or modified file); re-export the model")
+        verify_model_files(path, meta)
     recipe = recipe_from_dict(meta["recipe"], source=str(meta_path))
     if model is None:
         model = _load_weights(path, meta, recipe, device)

@@ -12,7 +12,7 @@ def _collect() -> tuple[type[BaseException], ...]:
     from .index import IndexError_
     from .inspect import InspectError
     from .registry import PluginError
-    from .train.fit import FitError
+    from .train.errors import FitError
 
     return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, EvalError,
             TierError, BankFileError, InspectError, FileNotFoundError)
