@@ -61,14 +61,13 @@ def _step(model, opt, batch, *, train_memory: bool, lr_memory: float, device) ->
         model.store.step(lr=lr_memory, weight_decay=1e-3, grad_clip=1.0)
 
 
-def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
-            device: torch.device, compile: bool = False) -> dict[str, Any]:
-    """Tokens/s of one configuration; store=None measures the anchor alone."""
+def _bench_recipe(recipe: Recipe, store: str | None) -> Recipe:
     if store is None:
-        recipe = replace(recipe, trainer=replace(recipe.trainer, mode="anchor"))
-    else:
-        recipe = replace(recipe, memory=replace(recipe.memory, store=store),
-                         trainer=replace(recipe.trainer, mode="cotrain"))
+        return replace(recipe, trainer=replace(recipe.trainer, mode="anchor"))
+    return replace(recipe, memory=replace(recipe.memory, store=store), trainer=replace(recipe.trainer, mode="cotrain"))
+
+
+def _build(recipe: Recipe, vocab_size: int, device: torch.device, compile: bool):
     torch.manual_seed(recipe.seed)
     anchor = build_anchor(recipe, vocab_size)
     layout = build_layout(recipe, anchor)
@@ -82,7 +81,21 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
         model.anchor = torch.compile(model.anchor)
     opt = torch.optim.AdamW(model.anchor.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
-    b, t = recipe.trainer.batch_size, recipe.data.seq_len
+    return model, opt
+
+
+def _config_name(model, store: str | None, compile: bool) -> tuple[str, str | None]:
+    tiers = None
+    if model.store is not None and hasattr(model.store, "tier_of"):
+        tiers = ",".join(model.store.tier_of(f"l{lvl}") for lvl in model.layout.active_levels)
+    name = (("anchor only" if store is None else f"anchor + memory ({store} store)")
+            + (f" tiers {tiers}" if tiers and store == "tiered" else "") + (", compiled" if compile else ""))
+    return name, tiers
+
+
+def _timed_steps(model, opt, recipe: Recipe, *, vocab_size: int, batch_size: int, steps: int, warmup: int,
+                 device: torch.device) -> dict[str, Any]:
+    b, t = batch_size, recipe.data.seq_len
     gen = torch.Generator().manual_seed(recipe.seed)
     levels = recipe.index.router.levels
     k = recipe.index.router.branching
@@ -111,37 +124,86 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    tokens = steps * b * t
-    tps = tokens / seconds
+    tps = steps * b * t / seconds
     peak = peak_flops(device)
     fpt = flops_per_token(model, t)
-    tiers = None
-    if model.store is not None and hasattr(model.store, "tier_of"):
-        tiers = ",".join(model.store.tier_of(f"l{lvl}") for lvl in model.layout.active_levels)
-    out = {
-        "config": ("anchor only" if store is None else f"anchor + memory ({store} store)")
-                  + (f" tiers {tiers}" if tiers and store == "tiered" else "") + (", compiled" if compile else ""),
-        "tiers": tiers,
-        "optim_state": recipe.memory.optim_state if store is not None else None,
-        "branching": recipe.index.router.branching,
-        "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
+    return {
         "batch": b, "seq_len": t, "steps": steps,
         "step_ms": round(1000 * seconds / steps, 2),
         "tokens_per_s": round(tps, 1),
         "tflops_per_s": round(tps * fpt / 1e12, 2),
         "mfu": round(tps * fpt / peak, 4) if peak else None,
-        "anchor_params": sum(p.numel() for p in model.anchor.parameters()),
-        "fetched_params": model.layout.fetched_params() if model.layout else 0,
-        "bank_params": model.layout.bank_params() if model.layout else 0,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
+        "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
     }
+
+
+def _oom_message(exc: BaseException) -> str:
+    return f"out of memory: {str(exc).splitlines()[0]}"
+
+
+def _free_after_oom(device: torch.device) -> None:
+    import gc
+
+    gc.collect()  # the failed row's tensors (held by the traceback until here)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
+                    device: torch.device, compile: bool = False, batches: list[int] | None = None
+                    ) -> list[dict[str, Any]]:
+    """Tokens/s of one configuration at each batch size, the model and bank built once; store=None measures the
+    anchor alone. A batch size (or the build) that runs out of accelerator memory becomes a row with an `error`
+    and the other rows still run."""
+    recipe = _bench_recipe(recipe, store)
+    sizes = list(batches or [recipe.trainer.batch_size])
+    common = {"store": store, "optim_state": recipe.memory.optim_state if store is not None else None,
+              "branching": recipe.index.router.branching, "seq_len": recipe.data.seq_len}
+    try:
+        model, opt = _build(recipe, vocab_size, device, compile)
+    except torch.cuda.OutOfMemoryError as exc:
+        message = _oom_message(exc)
+    else:
+        message = None
+    if message is not None:
+        _free_after_oom(device)  # outside the except block: its traceback held the half-built model
+        tiers = str(recipe.memory.tiers) if store == "tiered" else None
+        return [{**common, "config": f"anchor + memory ({store} store)" + (f" tiers {tiers}" if tiers else ""),
+                 "tiers": tiers, "batch": b, "tokens_per_s": None, "error": message} for b in sizes]
+    name, tiers = _config_name(model, store, compile)
+    common.update(config=name, tiers=tiers, anchor_params=sum(p.numel() for p in model.anchor.parameters()),
+                  fetched_params=model.layout.fetched_params() if model.layout else 0,
+                  bank_params=model.layout.bank_params() if model.layout else 0)
     if model.store is not None and hasattr(model.store, "bytes_by_tier"):
-        out["bank_bytes_by_tier"] = model.store.bytes_by_tier()
+        common["bank_bytes_by_tier"] = model.store.bytes_by_tier()
+    rows = []
+    for b in sizes:
+        try:
+            rows.append({**common, **_timed_steps(model, opt, recipe, vocab_size=vocab_size, batch_size=b,
+                                                  steps=steps, warmup=warmup, device=device)})
+            message = None
+        except torch.cuda.OutOfMemoryError as exc:
+            message = _oom_message(exc)
+        if message is not None:  # the failed step's activations are free once the except block has ended
+            opt.zero_grad(set_to_none=True)
+            _free_after_oom(device)
+            rows.append({**common, "batch": b, "tokens_per_s": None, "error": message})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if model.store is not None and hasattr(model.store, "close"):
         model.store.close()
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return out
+    return rows
+
+
+def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
+            device: torch.device, compile: bool = False) -> dict[str, Any]:
+    """Tokens/s of one configuration at the recipe's batch size (see measure_batches)."""
+    return measure_batches(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
+                           compile=compile)[0]
 
 
 def _rss_bytes() -> int:
@@ -150,60 +212,51 @@ def _rss_bytes() -> int:
     return proc_status_bytes("/proc/self/status", "VmRSS") or 0
 
 
-def measure_or_oom(recipe: Recipe, **kw) -> dict[str, Any]:
-    """`measure`, or a row saying the configuration ran out of accelerator memory (the next rows still run)."""
-    try:
-        return measure(recipe, **kw)
-    except torch.cuda.OutOfMemoryError as exc:
-        message = str(exc).splitlines()[0]
-    import gc
-
-    gc.collect()  # the failed row's model and bank (held by the traceback until here)
-    torch.cuda.empty_cache()
-    return {"config": f"anchor + memory ({kw.get('store')} store) tiers {recipe.memory.tiers}",
-            "tiers": str(recipe.memory.tiers), "branching": recipe.index.router.branching,
-            "batch": recipe.trainer.batch_size, "seq_len": recipe.data.seq_len, "tokens_per_s": None,
-            "error": f"out of memory: {message}"}
+def tiered(recipe: Recipe, spec: str) -> Recipe:
+    """The recipe with the tiered store and a tier plan from the command line: `auto`, one tier for every level,
+    or one per level with memory (`device,device,host`)."""
+    plan: Any = spec.split(",") if "," in spec else spec
+    return replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
 
 
 def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,
-              device: torch.device, compile: bool = False) -> list[dict[str, Any]]:
+              device: torch.device, compile: bool = False, batches: list[int] | None = None) -> list[dict[str, Any]]:
     """Memory rows of the tiered store: one per tier plan (`auto`, `host`, `device,device,host`, ...) at the recipe's
     branching, then a bank-size sweep (same fetch size, bank grown by the branching k) with the first plan."""
     rows = []
+    kw = dict(vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device, compile=compile,
+              batches=batches)
     for spec in tiers:
-        plan: Any = spec.split(",") if "," in spec else spec
-        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
-        rows.append(measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup,
-                                   device=device, compile=compile))
+        rows += measure_batches(tiered(recipe, spec), **kw)
     for k in branchings:
-        plan = tiers[0].split(",") if tiers and "," in tiers[0] else (tiers[0] if tiers else "auto")
-        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan),
-                    index=replace(recipe.index, router=replace(recipe.index.router, branching=k)))
-        row = measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
-                             compile=compile)
-        row["sweep"] = "bank size"
-        rows.append(row)
+        r = tiered(recipe, tiers[0] if tiers else "auto")
+        r = replace(r, index=replace(r.index, router=replace(r.index.router, branching=k)))
+        rows += [{**row, "sweep": "bank size"} for row in measure_batches(r, **kw)]
     return rows
+
+
+def add_ratios(rows: list[dict[str, Any]], device: torch.device) -> None:
+    """Each row's throughput against the anchor alone at the same batch size, measured in the same run."""
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r.get("store", "") is None and r.get("tokens_per_s")}
+    for row in rows:
+        b = base.get(row["batch"])
+        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / b, 3) if b and row.get("tokens_per_s") else None
+        row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
               out: Path | None = None, compile: bool = False, tiers: list[str] | None = None,
-              branchings: list[int] | None = None, anchor: bool = True) -> list[dict[str, Any]]:
+              branchings: list[int] | None = None, anchor: bool = True,
+              batches: list[int] | None = None) -> list[dict[str, Any]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [measure(recipe, vocab_size=vocab_size, store=None, steps=steps, warmup=warmup, device=device,
-                    compile=compile)] if anchor else []
+    kw = dict(vocab_size=vocab_size, steps=steps, warmup=warmup, device=device, compile=compile, batches=batches)
+    rows = measure_batches(recipe, store=None, **kw) if anchor else []
     for store in stores:
-        rows.append(measure(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
-                            compile=compile))
+        rows += measure_batches(recipe, store=store, **kw)
     if tiers or branchings:
-        rows += tier_rows(recipe, vocab_size=vocab_size, tiers=list(tiers or []), branchings=list(branchings or []),
-                          steps=steps, warmup=warmup, device=device, compile=compile)
-    base = rows[0]["tokens_per_s"] if anchor else None
-    for row in rows:
-        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3) if base and row["tokens_per_s"] else None
-        row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        rows += tier_rows(recipe, tiers=list(tiers or []), branchings=list(branchings or []), **kw)
+    add_ratios(rows, device)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
