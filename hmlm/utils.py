@@ -12,13 +12,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _process_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any thread could be writing files
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_write_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file gets the mode a plain `open(path, "w")` would give (0644 under the usual umask): mkstemp creates
+    0600, which would make every artifact unreadable to other users of a shared run folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -30,10 +44,12 @@ def atomic_write_path(path: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temp directory beside `path`; it replaces `path` only if the block succeeds. The directory gets the
+    mode of a plain `mkdir` (0755 under the usual umask), not mkdtemp's 0700."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if path.exists():
