@@ -8,12 +8,18 @@
                           `steps` [nodes] (training updates per block)
     tree.safetensors      the router's tree (copied from the index)
     tokenizer/            the tokenizer (copied from the index)
+    shards/, node_stats.safetensors, mentions/
+                          what evaluation needs from the index: held-out sequences, node statistics, the training
+                          split's word index for entity counts (hmlm.eval.modeldata; model.json's `eval_data`)
+
+Every path model.json records is relative to the model directory, so a copied or moved model works the same;
+`index` is provenance only.
 """
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +34,7 @@ from .utils import atomic_dir, read_json_artifact, sha256_file, verify_checksums
 
 MODEL_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # 1: bank files with one tensor per name (w1, w2, ...) and sha256s
+EMBED_CACHE_SIZE = 200_000   # texts whose embedding a loaded model keeps (MiniLM: 1.5 KB each)
 
 
 class ModelDirError(RuntimeError):
@@ -46,6 +53,10 @@ def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, 
         sums["tree.safetensors"] = sha256_file(tmp / "tree.safetensors")
         for p in sorted((tmp / "tokenizer").iterdir()):
             sums[f"tokenizer/{p.name}"] = sha256_file(p)
+        from .eval.modeldata import write_eval_data
+
+        eval_data, eval_sums = write_eval_data(index_dir, tmp)
+        sums.update(eval_sums)
         layout = model.layout
         meta: dict[str, Any] = {
             "format": MODEL_FORMAT,
@@ -62,6 +73,7 @@ def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, 
             "router": index_meta["router"],
             "index": {"dir": str(index_dir), "fingerprint": index_meta["fingerprint"],
                       "counts": index_meta["counts"], "corpus": index_meta["corpus"]},
+            "eval_data": eval_data,
             "versions": versions(),
             "checksums": sums,
             # bank files are verified block by block while they are read (a file-level sha256 of a multi-GB level
@@ -112,6 +124,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     router: Any
     _embedder: Any = None
+    _embedded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def embedder(self):
@@ -131,9 +144,21 @@ class LoadedModel:
             self.model.store.to_compute(device)
         return self
 
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings [N, dim] of texts; each distinct text is embedded once per loaded model (evaluation routes
+        the same keys under several memory modes, tasks and training-time evaluations)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+        if new:
+            if len(self._embedded) + len(new) > EMBED_CACHE_SIZE:
+                self._embedded.clear()
+            self._embedded.update(zip(new, self.embedder.embed(new).astype(np.float32)))
+        if not texts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        return np.stack([self._embedded[t] for t in texts])
+
     def route(self, texts: Sequence[str], *, blocked: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         """Tree paths [N, levels] for texts, by the same greedy descent used to index the training corpus."""
-        emb = self.embedder.embed(list(texts)).astype(np.float32)
+        emb = self.embed(list(texts))
         return torch.from_numpy(self.router.route(emb, blocked=blocked).astype(np.int64))
 
 

@@ -78,6 +78,10 @@ class Anchor(Protocol):
 
     forward(input_ids [B,T], *, memory=None, doc_ids=None) -> logits [B,T,V]. `doc_ids` ([B,T] ints,
     the document index inside a packed sequence) turns on per-document causal attention.
+
+    Optionally an anchor offers a key/value cache: `new_cache()` returns an object with `length` and `repeat(n)`,
+    and `forward(..., cache=c)` lets the new tokens attend to every cached position, then appends them to `c`
+    (see hmlm.anchors.openlm.KVCache). Callers test for `new_cache` and fall back to full forwards without it.
     """
 
     shape: AnchorShape

@@ -210,27 +210,38 @@ def describe(load: bool = True) -> list[PluginInfo]:
 
 
 def render_plugins(infos: list[PluginInfo], loaded: bool = True) -> Table:
-    """A table of healthy plugins, then a separate section of broken/colliding ones with their error.
+    """The plugin listing: one section per group, each plugin on two lines (name, then its `module:attr` target),
+    healthy plugins first, broken or colliding ones after them with their error.
 
+    Three borderless columns (plugin, distribution, status) keep it readable at 80 columns: the long target sits
+    under the name instead of in a column of its own, and error text wraps at spaces, indented under its plugin.
     `loaded` says whether `infos` came from describe(load=True): it only changes the status wording.
     """
-    from rich.markup import escape
+    from rich.console import Group
+    from rich.padding import Padding
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="hmlm plugins", show_lines=False)
-    for col in ("group", "name", "distribution", "version", "target", "status"):
-        table.add_column(col, overflow="fold")
+    table = Table(title="hmlm plugins", box=None, pad_edge=False, header_style="bold")
+    table.add_column("plugin / target", overflow="fold")
+    table.add_column("distribution", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     ok = [i for i in infos if i.error is None]
     bad = [i for i in infos if i.error is not None]
-    for i in ok:
-        status = "[green]ok[/green]" if loaded else "[dim]not imported[/dim]"
-        table.add_row(*map(escape, (i.group, i.name, i.dist, i.version, i.value)), status)
-    if bad:
-        table.add_section()
-        for i in bad:
-            # escape: error text often holds "[...]" that rich would otherwise eat as markup
-            table.add_row(*map(escape, (i.group, i.name, i.dist, i.version, i.value)),
-                          f"failed: {escape(i.error or '')}", style="red")
+    for rows, failed in ((ok, False), (bad, True)):
+        group = None
+        for i in rows:
+            if i.group != group:
+                group = i.group
+                # Text, not markup: names, targets and errors often hold "[...]" that markup would eat
+                table.add_row(Text(group + (" (failed to load)" if failed else ""), style="bold"), "", "")
+            lines = [Padding(Text(i.name), (0, 0, 0, 2)), Padding(Text(i.value, style="dim"), (0, 0, 0, 4))]
+            if failed:
+                lines.append(Padding(Text(i.error or "", style="red"), (0, 0, 0, 4)))
+                status = Text("failed", style="red")
+            else:
+                status = Text("ok", style="green") if loaded else Text("not imported", style="dim")
+            table.add_row(Group(*lines), Text(f"{i.dist} {i.version}"), status)
     return table
 
 

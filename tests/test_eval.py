@@ -52,7 +52,7 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def manager():
-    return task_manager(["hmlm_atomic_number"])
+    return task_manager(["hmlm_atomic_number", "hmlm_heldout_lastword"])
 
 
 def test_adapter_runs_under_lm_eval_simple_evaluate(loaded, manager, tiny_model_dir):
@@ -105,6 +105,39 @@ def test_batching_by_path_equals_one_by_one(loaded):
     assert one.generate_until(gen) == many.generate_until(gen)
     doc = " ".join(PROMPTS)   # longer than seq_len: several rolling windows on one path
     assert one.loglikelihood_rolling([(doc,)])[0] == pytest.approx(many.loglikelihood_rolling([(doc,)])[0], abs=1e-3)
+
+
+@pytest.mark.parametrize("memory", ["fetched", "none"])
+def test_multiple_choice_scored_from_one_cached_context_equals_full_rows(loaded, memory, monkeypatch):
+    # 40-way choices of two questions share their context: it runs once, then only each choice's tokens run
+    choices = [f" {r['answer']}" for r in _rows("capital.jsonl", 40)]
+    reqs = [inst("loglikelihood", (q, c), d) for d, q in enumerate(PROMPTS[:2]) for c in choices]
+    reqs += [inst("loglikelihood", (PROMPTS[3], " 7"), 9)]   # a lone request takes the plain batch
+    cached = HMLMEvalLM(loaded=loaded, memory=memory, batch_size=16)
+    seqs_seen = []
+    score = cached._score_from_cache
+    monkeypatch.setattr(cached, "_score_from_cache", lambda prefix, *a: (seqs_seen.append(prefix), score(prefix, *a)))
+    got = cached.loglikelihood(reqs)
+    assert len(seqs_seen) == 2
+    plain = HMLMEvalLM(loaded=loaded, memory=memory, batch_size=16)
+    monkeypatch.setattr(plain, "_shared_contexts", lambda seqs, paths, live: ([], set(live)))
+    for (a, ga), (b, gb) in zip(got, plain.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_run_tasks_equals_simple_evaluate(loaded, manager):
+    from hmlm.eval.report import load_tasks, run_tasks
+
+    tasks = ["hmlm_atomic_number", "hmlm_heldout_lastword"]
+    lm = HMLMEvalLM(loaded=loaded, batch_size=8, max_gen_toks=4)
+    ours = run_tasks(lm, load_tasks(manager, tasks), limit=4)
+    again = run_tasks(lm, load_tasks(manager, tasks), limit=4)   # loaded tasks are reusable
+    theirs = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=4, log_samples=True,
+                                     bootstrap_iters=0)
+    for task in tasks:
+        assert ours["results"][task] == again["results"][task] == theirs["results"][task]
+        assert [s["filtered_resps"] for s in ours["samples"][task]] == \
+            [s["filtered_resps"] for s in theirs["samples"][task]]
 
 
 def test_none_equals_the_bare_anchor_and_memory_matters(loaded):

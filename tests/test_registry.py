@@ -222,6 +222,29 @@ def test_render_and_print_plugins(site, monkeypatch):
     assert text.index("fake-ok") < text.index("fake-bad")
 
 
+def test_plugin_listing_is_readable_at_80_columns(site, monkeypatch):
+    # a terminal of 80 columns: nothing wider, every name and `module:attr` target whole on one line (no column
+    # folded mid-word), and a long error wraps at spaces under its plugin
+    from rich.console import Console
+
+    error = "needs the optional package cuda-toolkit-for-this-plugin, which is not installed here at all"
+    make_dist(site, "fake-wide", {"hmlm.routers": {"fake-ok": f"{FAKE}wok:WideRouterWithALongName",
+                                                   "fake-bad": f"{FAKE}wbad:R"}},
+              {f"{FAKE}wok": "class WideRouterWithALongName:\n    pass\n", f"{FAKE}wbad": f"raise ImportError({error!r})\n"})
+    scope_to(monkeypatch, site)
+    infos = registry.describe(load=True)
+    assert [i.name for i in infos if i.error] == ["fake-bad"]
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(registry.render_plugins(infos))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for info in infos:
+        assert any(line.strip().startswith(info.value) for line in lines), info.value
+        assert any(line.strip().split()[:1] == [info.name] for line in lines), info.name
+    words = " ".join(line.strip() for line in lines)
+    assert f"ImportError: {error}" in words   # wrapped at spaces only: joining the lines restores the message
+
+
 def test_builtins_are_registered_without_importing_them():
     # pyproject.toml registers hmlm's own plugins like any third party; listing must not need them
     registry.clear_cache()

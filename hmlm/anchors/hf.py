@@ -25,9 +25,13 @@ the MLP output is normed again (post_feedforward_layernorm) before the residual 
 
 HF attention masks know nothing of packed documents, so `doc_ids` is refused: post-hoc recipes set
 `data.doc_mask: false`, as the paper did (its base models were not all trained with per-document attention).
+
+Cached keys and values (`new_cache()`, `forward(..., cache=)`) are transformers' own DynamicCache, wrapped so that it
+offers the anchor cache contract of hmlm.anchors.openlm.KVCache: `length` and `repeat(n)`.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -93,8 +97,32 @@ def build_hf_config(model_type: str | None, hf_config: dict[str, Any]) -> Any:
     return config
 
 
+class HFCache:
+    """A transformers DynamicCache with hmlm's cache contract: `length` and `repeat(n)`."""
+
+    def __init__(self, config: Any):
+        from transformers import DynamicCache
+
+        try:
+            self.inner = DynamicCache(config=config)   # transformers >= 4.56 sizes sliding-window layers from it
+        except TypeError:
+            self.inner = DynamicCache()
+
+    @property
+    def length(self) -> int:
+        return int(self.inner.get_seq_length())
+
+    def repeat(self, n: int) -> "HFCache":
+        """n rows continuing this cache's single row (a copy: transformers extends its cache in place)."""
+        out = copy.copy(self)
+        out.inner = copy.deepcopy(self.inner)
+        out.inner.batch_repeat_interleave(n)
+        return out
+
+
 class HFAnchor(nn.Module):
-    """forward(input_ids [B,T], *, memory=None, doc_ids=None) -> logits [B,T,V]; `self.model` is the HF CausalLM."""
+    """forward(input_ids [B,T], *, memory=None, doc_ids=None, cache=None) -> logits [B,T,V]; `self.model` is the HF
+    CausalLM."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -108,6 +136,8 @@ class HFAnchor(nn.Module):
                                  head_dim=head_dim, ffn_dim=c.intermediate_size)
         self._memory: MemoryContext | None = None
         self.sites = self._register_hooks()
+        # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes away)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_config(cls, cfg: AnchorConfig, *, vocab_size: int) -> "HFAnchor":
@@ -205,8 +235,12 @@ class HFAnchor(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def new_cache(self) -> HFCache:
+        """An empty cache for `forward(..., cache=)`."""
+        return HFCache(self.model.config)
+
     def forward(self, input_ids: torch.Tensor, *, memory: MemoryContext | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, cache: HFCache | None = None) -> torch.Tensor:
         if doc_ids is not None:
             raise ValueError("the hf anchor has no per-document attention mask: post-hoc recipes need "
                              "`data.doc_mask: false` (the paper trains post-hoc memories without it)")
@@ -216,7 +250,9 @@ class HFAnchor(nn.Module):
             self._check_memory(memory)
         self._memory = memory
         try:
-            return self.model(input_ids=input_ids, use_cache=False).logits
+            if cache is None:
+                return self.model(input_ids=input_ids, use_cache=False).logits
+            return self.model(input_ids=input_ids, use_cache=True, **{self._cache_arg: cache.inner}).logits
         finally:
             self._memory = None  # a later plain call must not see this batch's memory
 

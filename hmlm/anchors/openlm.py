@@ -10,6 +10,10 @@ for a delta and adds it; with memory=None nothing is asked and the model is a pl
 
 Packed sequences: with `doc_ids` attention is causal *within* each document and RoPE positions restart
 at 0 for each document, so a document gets the same logits packed or alone.
+
+Cached keys and values: with `cache=KVCache()` the new tokens also attend to every position the cache holds (their
+RoPE positions continue after them) and the cache is extended with the new tokens, so a shared context is computed
+once for all of its continuations (multiple-choice scoring) or for every next token (decoding).
 """
 from __future__ import annotations
 
@@ -115,6 +119,37 @@ def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask.unsqueeze(1), positions
 
 
+class KVCache:
+    """Per layer, the keys (after QK-norm and RoPE) and values [B, H, T, dh] of the positions seen so far."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this forward's keys/values for `layer`; return everything the layer attends to."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def repeat(self, n: int) -> "KVCache":
+        """A cache of n rows that all continue this cache's single row (views; extending it copies)."""
+        if self.keys and self.keys[0].shape[0] != 1:
+            raise ValueError(f"KVCache.repeat needs a cache of one row, this one has {self.keys[0].shape[0]}")
+        out = KVCache()
+        out.keys = [k.expand(n, -1, -1, -1) for k in self.keys]
+        out.values = [v.expand(n, -1, -1, -1) for v in self.values]
+        return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: OpenLMConfig):
         super().__init__()
@@ -133,7 +168,7 @@ class Attention(nn.Module):
         return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                memory: MemoryContext | None, layer: int) -> torch.Tensor:
+                memory: MemoryContext | None, layer: int, cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         if memory is not None:
             q, k, v = (_plus(t, memory.delta(site, layer, h))
@@ -141,6 +176,8 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.q_norm(q)), self._heads(self.k_norm(k)), self._heads(v)
         q_pre_rope = q
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # lets CUDA pick flash attention
         else:
@@ -181,8 +218,8 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                memory: MemoryContext | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, memory, self.layer)
+                memory: MemoryContext | None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, memory, self.layer, cache)
         h = self.ffn_norm(x)
         out = self.ffn(h, memory, self.layer)
         if memory is not None:
@@ -195,7 +232,7 @@ def _plus(t: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
 
 
 class OpenLMAnchor(nn.Module):
-    """The anchor LM. forward(input_ids [B,T], *, memory=None, doc_ids=None) -> logits [B,T,V]."""
+    """The anchor LM. forward(input_ids [B,T], *, memory=None, doc_ids=None, cache=None) -> logits [B,T,V]."""
 
     def __init__(self, config: OpenLMConfig):
         super().__init__()
@@ -240,14 +277,23 @@ class OpenLMAnchor(nn.Module):
         """Unique parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def new_cache(self) -> KVCache:
+        """An empty cache for `forward(..., cache=)`."""
+        return KVCache()
+
     def forward(self, input_ids: torch.Tensor, *, memory: MemoryContext | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        past = 0 if cache is None else cache.length
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed documents) and cache= cannot be combined")
         if doc_ids is None:
-            mask = None
-            positions = torch.arange(T, device=input_ids.device)               # [T]
+            # causal over the cached positions and the new ones; None lets SDPA use its own causal kernel
+            mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool,
+                                                     device=input_ids.device).tril(past)
+            positions = torch.arange(past, past + T, device=input_ids.device)  # [T]
         else:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {(B, T)}")
@@ -258,7 +304,7 @@ class OpenLMAnchor(nn.Module):
 
         x = self.tok_emb(input_ids)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, memory)
+            x = block(x, cos, sin, mask, memory, cache)
         return self.lm_head(self.norm(x))
 
     def extra_repr(self) -> str:

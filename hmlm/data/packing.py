@@ -14,9 +14,7 @@ what the anchor's per-document causal mask is built from.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 from torch.utils.data import Dataset
+
+from ..utils import atomic_write_path
 
 FORMAT = "hmlm-packed-v1"
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -173,14 +173,8 @@ def _shard_files(directory: Path, prefix: str) -> list[Path]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class SequenceShards(Dataset):

@@ -10,7 +10,10 @@ Every request is routed through the model's own tree before it is scored, with t
     rolling ppl       the full document
     generation        the prompt; the memory is fetched once per request and kept for every generated token
 
-Requests are sorted by tree path and batched, so requests that share a path share a batch and its blocks.
+Requests are sorted by tree path and batched, so requests that share a path share a batch and its blocks. Requests
+that share their context tokens and path (the choices of a multiple-choice question) are scored from one cached
+forward of that context: with an anchor that offers a key/value cache (`new_cache()`, as openlm and hf do) the
+context runs once and only each choice's own tokens run per choice.
 
 Memory modes (model argument `memory`):
     fetched                 the blocks on the request's own path (default)
@@ -23,6 +26,7 @@ Memory modes (model argument `memory`):
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -34,10 +38,13 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from . import EvalError
+from . import EvalError, quiet
 from ..export import LoadedModel, load_model_dir
+from ..protocols import MemoryContext
 
 DEFAULT_BATCH_SIZE = 32
+
+quiet.install()   # no "fatal: not a git repository" from lm-eval's simple_evaluate
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,11 @@ class HMLMEvalLM(TemplateLM):
             full = (list(ctx) + list(cont))[-(self.max_length + 1):]
             seqs.append((full, min(len(cont), len(full) - 1)))
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-        order = [i for i in self._order(paths, [len(s) for s, _ in seqs]) if seqs[i][1] > 0]
+        live = [i for i in range(len(pairs)) if seqs[i][1] > 0]
+        shared, single = self._shared_contexts(seqs, paths, live)
+        for prefix, members in shared:
+            self._score_from_cache(prefix, paths[members[0]], members, seqs, out)
+        order = [i for i in self._order(paths, [len(s) for s, _ in seqs]) if i in single]
         pad = self.tokenizer_.pad_id
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -240,14 +251,49 @@ class HMLMEvalLM(TemplateLM):
             with self._autocast():
                 logits = self.model(ids.to(self._device), paths=paths[idx].to(self._device),
                                     memory=self.memory.model_mode)
-            logp = F.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(idx):
                 full, n_cont = seqs[i]
                 n = len(full) - 1
-                target = torch.tensor(full[-n_cont:], device=logp.device)
-                lp = logp[row, n - n_cont:n]
-                out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+                out[i] = _continuation_score(logits[row, n - n_cont:n], full[-n_cont:])
         return out
+
+    def _shared_contexts(self, seqs: list[tuple[list[int], int]], paths: torch.Tensor, live: list[int]
+                         ) -> tuple[list[tuple[list[int], list[int]]], set[int]]:
+        """([(prefix tokens, requests)], other requests): requests whose inputs before the last context token are
+        the same tokens on the same path, grouped when the anchor can cache that prefix and at least two share it."""
+        if not callable(getattr(self.model.anchor, "new_cache", None)):
+            return [], set(live)
+        groups: dict[tuple, list[int]] = {}
+        for i in live:
+            full, n_cont = seqs[i]
+            prefix = tuple(full[:len(full) - 1 - n_cont])
+            if prefix:
+                groups.setdefault((prefix, tuple(paths[i].tolist())), []).append(i)
+        shared = [(list(key[0]), members) for key, members in groups.items() if len(members) > 1]
+        taken = {i for _, members in shared for i in members}
+        return shared, {i for i in live if i not in taken}
+
+    def _score_from_cache(self, prefix: list[int], path: torch.Tensor, members: list[int],
+                          seqs: list[tuple[list[int], int]], out: list[tuple[float, bool]]) -> None:
+        """Run the shared prefix once, then each request's last context token and continuation on its cache."""
+        anchor = self.model.anchor
+        memory = self.model.memory_context(path[None].to(self._device), self.memory.model_mode)
+        cache = anchor.new_cache()
+        with self._autocast():
+            anchor(torch.tensor([prefix], device=self._device), memory=memory, cache=cache)
+        pad = self.tokenizer_.pad_id
+        for start in range(0, len(members), self.batch_size):
+            idx = members[start:start + self.batch_size]
+            tails = [seqs[i][0][len(prefix):-1] for i in idx]   # last context token + continuation[:-1]
+            ids = torch.full((len(idx), max(map(len, tails))), pad, dtype=torch.long)
+            for row, tail in enumerate(tails):
+                ids[row, :len(tail)] = torch.tensor(tail)
+            with self._autocast():
+                logits = anchor(ids.to(self._device), memory=_repeat_memory(memory, len(idx)),
+                                cache=cache.repeat(len(idx)))
+            for row, i in enumerate(idx):
+                full, n_cont = seqs[i]
+                out[i] = _continuation_score(logits[row, :n_cont], full[-n_cont:])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         texts = [_args(req)[0] for req in requests]
@@ -269,8 +315,8 @@ class HMLMEvalLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding without a KV cache (the anchor has none): each step recomputes the batch, with the
-        memory fetched once per request from the prompt's path."""
+        """Greedy decoding with the memory fetched once per request from the prompt's path; the decoding loop itself
+        is `_generate_batch`, the one place a cached decoder replaces."""
         contexts, stops, limits = [], [], []
         for req in requests:
             context, kwargs = _args(req)
@@ -296,6 +342,8 @@ class HMLMEvalLM(TemplateLM):
 
     def _generate_batch(self, prompts: list[list[int]], paths: torch.Tensor, stops: list[list[str]],
                         limits: list[int]) -> list[str]:
+        """Greedy continuations of a batch of prompts until a stop string, EOS or the row's token limit. Without a
+        key/value cache every step recomputes the whole batch."""
         memory = self.model.memory_context(paths.to(self._device), self.memory.model_mode)
         rows = [list(p) for p in prompts]
         generated: list[list[int]] = [[] for _ in rows]
@@ -327,3 +375,19 @@ class HMLMEvalLM(TemplateLM):
                 elif len(generated[j]) >= limits[j]:
                     done[j] = True
         return texts
+
+
+def _continuation_score(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:
+    """(sum of log p(target), every target token is the argmax) from the logits [n, V] that predict `target`."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    t = torch.tensor(target, device=logp.device)
+    return float(logp.gather(1, t[:, None]).sum()), bool((logp.argmax(-1) == t).all())
+
+
+def _repeat_memory(memory: MemoryContext | None, n: int) -> MemoryContext | None:
+    """A one-row memory context for n rows (views, no copies of the fetched blocks)."""
+    if memory is None:
+        return None
+    rep = copy.copy(memory)
+    rep.tensors = {k: t.expand(n, *t.shape[1:]) for k, t in memory.tensors.items()}
+    return rep

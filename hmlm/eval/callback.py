@@ -33,12 +33,13 @@ class BucketEvalCallback(L.Callback):
         self._done = 0            # last multiple of every_n_steps evaluated (resumes never repeat a step)
         self._loaded: LoadedModel | None = None
         self._counter: FrequencyCounter | None = None
-        self._manager = None
+        self._tasks: dict | None = None
 
     def _setup(self, pl_module) -> LoadedModel:
         if self._loaded is None:
             from ..index import load_router, load_tokenizer
-            from .report import task_manager
+            from .modeldata import EvalData
+            from .report import load_tasks, task_manager
 
             recipe = pl_module.recipe
             index_dir = Path(recipe.index.dir)
@@ -47,8 +48,8 @@ class BucketEvalCallback(L.Callback):
                     "recipe": {"data": {"max_docs": recipe.data.max_docs}}}
             self._loaded = LoadedModel(index_dir, meta, recipe, pl_module.model, load_tokenizer(index_dir),
                                        load_router(recipe, index_dir / "tree.safetensors"))
-            self._counter = FrequencyCounter.for_model(meta)
-            self._manager = task_manager(self.tasks, self.include_path)
+            self._counter = FrequencyCounter.for_model(EvalData.of(self._loaded))
+            self._tasks = load_tasks(task_manager(self.tasks, self.include_path), self.tasks)
         self._loaded.model = pl_module.model
         return self._loaded
 
@@ -59,7 +60,8 @@ class BucketEvalCallback(L.Callback):
         was_training = loaded.model.training
         loaded.model.eval()
         try:
-            results = evaluate_modes(loaded, self.tasks, self.memory, self._manager, limit=self.limit,
+            assert self._tasks is not None
+            results = evaluate_modes(loaded, self._tasks, self.memory, limit=self.limit,
                                      batch_size=self.batch_size, counter=self._counter, edges=self.edges,
                                      max_gen_toks=self.max_gen_toks)
         finally:

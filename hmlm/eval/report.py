@@ -1,11 +1,12 @@
 """`hmlm eval`: lm-eval tasks x models x memory modes, accuracy per training-frequency bucket, JSON and PNG plots.
 
-For every model directory and memory mode the tasks run through lm-eval's own `simple_evaluate` with the `hmlm`
-adapter (samples logged); each sample of a fact task is then placed in a frequency bucket by counting its
-entity in that model's training corpus (hmlm.eval.buckets). Common-knowledge (CK) and specific-knowledge (SK)
-averages follow the paper's split: our tasks declare it in their metadata, the paper's 13 benchmarks are known
-by name. Held-out perplexity uses the index's validation sequences with their stored paths (per-document
-retrieval) and is also reported per leaf, against the leaf's training frequency.
+The tasks are loaded once; for every model directory and memory mode they run through lm-eval's own evaluation loop
+with the `hmlm` adapter (samples logged); each sample of a task that declares its entity (hmlm.eval.entities) is
+then placed in a frequency bucket by counting the entity in that model's training corpus (hmlm.eval.buckets).
+Common-knowledge (CK) and specific-knowledge (SK) averages follow the paper's split: our tasks declare it in their
+metadata, the paper's 13 benchmarks are known by name. Held-out perplexity uses the model directory's held-out
+sequences with their stored paths (per-document retrieval) and is also reported per leaf, against the leaf's
+training frequency. What a model directory lacks is reported once per model (hmlm.eval.modeldata).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from . import EvalError
 from .buckets import DEFAULT_EDGES, FrequencyCounter, bucket_labels, bucket_of
+from .entities import EntityItem, EntitySpec
 from .tasks import DEFAULT_TASKS, ensure_task_dir
 
 # the paper's benchmarks (App. B) by their lm-eval names, for CK/SK averages of tasks without our metadata
@@ -49,13 +51,56 @@ class EvalOptions:
 
 
 def task_manager(tasks: Sequence[str], include_path: str | None = None):
-    """lm-eval's TaskManager over the hmlm task folder (plus lm-eval's own tasks only if one is asked for)."""
+    """lm-eval's TaskManager over the hmlm task folder and `include_path` (a folder of the user's own tasks), plus
+    lm-eval's own tasks only if a task asked for is in neither (indexing them all takes seconds)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
-    folder = ensure_task_dir(include_path)
-    ours = {p.stem for p in folder.glob("*.yaml")} | {"hmlm_sk", "hmlm_ck", "hmlm_facts", "hmlm_facts_qa"}
-    return TaskManager(include_path=str(folder), include_defaults=any(t not in ours for t in tasks))
+    folders = [str(ensure_task_dir())] + ([str(ensure_task_dir(include_path))] if include_path else [])
+    manager = TaskManager(include_path=folders, include_defaults=False)
+    if any(t not in set(manager.all_tasks) for t in tasks):
+        manager = TaskManager(include_path=folders, include_defaults=True)
+    return manager
+
+
+def load_tasks(manager, tasks: Sequence[str]) -> dict:
+    """lm-eval's task dict ({"tasks": {name: Task}, "groups": ...}) for names, tags or groups; loaded once and
+    evaluated for every model and memory mode."""
+    try:
+        return manager.load(list(tasks))
+    except KeyError as exc:
+        raise EvalError(f"--tasks: unknown task {exc}; hmlm tasks are in {ensure_task_dir()}") from None
+
+
+def run_tasks(lm, task_dict: dict, *, limit: int | None = None) -> dict:
+    """lm-eval's evaluation of loaded tasks, prepared as `simple_evaluate` prepares it (its default seeds, zero-shot
+    unless a task says otherwise, its few-shot seed), without the extras of simple_evaluate that hmlm does not
+    report and that cost seconds per call (an environment dump that runs pip and nvidia-smi, the git hash)."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    for task in task_dict["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return evaluate(lm=lm, task_dict=task_dict, limit=limit, log_samples=True, bootstrap_iters=0)
+
+
+def entity_specs(task_dict: dict) -> dict[str, EntitySpec]:
+    """The tasks that declare the entity of their items (metadata.hmlm_entity), by task name."""
+    specs = {}
+    for name, task in task_dict["tasks"].items():
+        spec = EntitySpec.from_metadata(name, task.config.metadata)
+        if spec is not None:
+            specs[name] = spec
+    return specs
 
 
 def _primary_metric(sample: dict, config: dict) -> str | None:
@@ -70,38 +115,35 @@ def _knowledge(task: str, config: dict) -> str | None:
     return (config.get("metadata") or {}).get("knowledge") or PAPER_GROUPS.get(task)
 
 
-def evaluate_modes(loaded, tasks: Sequence[str], modes: Sequence[str], manager, *, limit: int | None = None,
+def evaluate_modes(loaded, task_dict: dict, modes: Sequence[str], *, limit: int | None = None,
                    batch_size: int = 32, counter: FrequencyCounter | None = None,
                    edges: Sequence[int] = DEFAULT_EDGES, max_gen_toks: int = 32) -> dict[str, dict]:
     """{mode: {task: result}} for one loaded model; the core shared by `hmlm eval` and the training callback.
     A result has the task's CK/SK group, its accuracy metric, n, per-bucket accuracy and one row per item."""
-    import lm_eval
-
     from .adapter import HMLMEvalLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    out: dict[str, dict] = {}
-    for mode in modes:
-        lm = HMLMEvalLM(loaded=loaded, memory=mode, batch_size=batch_size, max_gen_toks=max_gen_toks)
-        try:
-            res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          log_samples=True, bootstrap_iters=0, verbosity="ERROR")
-        except KeyError as exc:
-            raise EvalError(f"--tasks: unknown task {exc}; hmlm tasks are in {ensure_task_dir()}") from None
-        assert res is not None
-        out[mode] = {task: _task_result(task, res, counter, edges) for task in res["samples"]}
-    return out
+    raw = {mode: run_tasks(HMLMEvalLM(loaded=loaded, memory=mode, batch_size=batch_size, max_gen_toks=max_gen_toks),
+                           task_dict, limit=limit) for mode in modes}
+    items: dict[str, dict[int, EntityItem]] = {}
+    if counter is not None and raw:
+        # every mode sees the same documents; all tasks' items are resolved together (see FrequencyCounter.prepare)
+        first = next(iter(raw.values()))
+        for task, spec in entity_specs(task_dict).items():
+            items[task] = {s["doc_id"]: spec.item(s["doc"]) for s in first["samples"].get(task, [])}
+        counter.prepare([it for per_task in items.values() for it in per_task.values()])
+    return {mode: {task: _task_result(task, res, items.get(task), counter, edges) for task in res["samples"]}
+            for mode, res in raw.items()}
 
 
-def _task_result(task: str, res: dict, counter: FrequencyCounter | None, edges: Sequence[int]) -> dict:
+def _task_result(task: str, res: dict, items: dict[int, EntityItem] | None, counter: FrequencyCounter | None,
+                 edges: Sequence[int]) -> dict:
     config = res["configs"].get(task, {})
     samples = res["samples"][task]
     metric = _primary_metric(samples[0], config) if samples else None
     labels = bucket_labels(edges)
-    has_entity = bool(samples) and all("entity_key" in s["doc"] for s in samples) and counter is not None
-    if has_entity:
-        counter.prepare([s["doc"] for s in samples])
-    items, per_bucket = [], {b: [] for b in labels}
+    has_entity = bool(samples) and items is not None and counter is not None
+    rows, per_bucket, counted = [], {b: [] for b in labels}, 0
     for s in samples:
         row: dict[str, Any] = {"doc_id": s["doc_id"]}
         if metric is not None:
@@ -109,21 +151,25 @@ def _task_result(task: str, res: dict, counter: FrequencyCounter | None, edges: 
         if s.get("filtered_resps") and isinstance(s["filtered_resps"][0], str):
             row["response"] = s["filtered_resps"][0][:80]
         if has_entity:
-            count, source = counter.count(s["doc"])
-            row.update(entity=s["doc"]["entity"], count=count, count_source=source, bucket=bucket_of(count, edges),
-                       flags=counter.flags(s["doc"]))
-            if metric is not None:
-                per_bucket[row["bucket"]].append(row["correct"])
-        items.append(row)
+            item = items[s["doc_id"]]
+            found = counter.count(item)
+            row.update(entity=item.name, entity_key=counter.entity(item), flags=counter.flags(item),
+                       count=None if found is None else found[0], count_source=None if found is None else found[1])
+            if found is not None:
+                counted += 1
+                row["bucket"] = bucket_of(found[0], edges)
+                if metric is not None:
+                    per_bucket[row["bucket"]].append(row["correct"])
+        rows.append(row)
     metrics = {k.split(",")[0]: v for k, v in res["results"].get(task, {}).items()
                if "," in k and "stderr" not in k and isinstance(v, (int, float))}
     return {
         "knowledge": _knowledge(task, config), "metric": metric, "n": len(samples),
         "value": metrics.get(metric) if metric else None, "metrics": metrics,
         "buckets": {b: {"n": len(v), "acc": (sum(v) / len(v)) if v else None} for b, v in per_bucket.items()}
-        if has_entity else None,
-        "flagged": sorted({row["entity"] for row in items if row.get("flags")}) if has_entity else [],
-        "items": items,
+        if has_entity and counted else None,
+        "flagged": sorted({row["entity"] for row in rows if row.get("flags")}) if has_entity else [],
+        "items": rows,
     }
 
 
@@ -147,6 +193,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     from ..export import load_model_dir
     from .adapter import parse_memory
     from .leafppl import perplexity_by_leaf
+    from .modeldata import EvalData
     from .perplexity import available_modes
 
     console = console or Console()
@@ -159,7 +206,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
         raise EvalError("hmlm eval: --tasks is empty")
     paths = [Path(m) for m in opts.models]
     out_dir = Path(opts.out) if opts.out else paths[0].resolve().parent / "eval"
-    manager = task_manager(opts.tasks, opts.include_path)
+    task_dict = load_tasks(task_manager(opts.tasks, opts.include_path), opts.tasks)
     device = opts.device or ("cuda" if _cuda() else "cpu")
     report: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "options": asdict(opts),
                               "buckets": bucket_labels(opts.edges), "models": []}
@@ -175,28 +222,26 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
                               else "trained without a generic block")
             else:
                 modes.append(m)
-        counter = FrequencyCounter.for_model(loaded.meta, source=opts.bucket_source, ambiguous=opts.ambiguous)
+        data = EvalData.of(loaded)
+        counter = FrequencyCounter.for_model(data, source=opts.bucket_source, ambiguous=opts.ambiguous)
         console.print(f"[bold]eval[/] {label} ({path}): memory {', '.join(modes) or '-'} on "
                       f"{', '.join(opts.tasks)}" + (f" (skipped: {skipped})" if skipped else ""))
-        results = evaluate_modes(loaded, opts.tasks, modes, manager, limit=opts.limit, batch_size=opts.batch_size,
+        results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
                                  counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks)
         entry: dict[str, Any] = {"label": label, "path": str(path), "skipped": skipped,
                                  "modes": {m: {"tasks": r, "averages": averages(r)} for m, r in results.items()}}
-        index_dir = Path((loaded.meta.get("index") or {}).get("dir", ""))
         plain = [m for m in modes if m in have]
-        if opts.perplexity and plain and (index_dir / "node_stats.safetensors").is_file():
-            if _has_split(index_dir, "val"):
-                entry["perplexity"] = perplexity_by_leaf(loaded, index_dir, modes=plain, batch_size=opts.batch_size)
+        if opts.perplexity and plain and data.heldout is not None:
+            entry["perplexity"] = perplexity_by_leaf(loaded, data.heldout, modes=plain, batch_size=opts.batch_size)
+        entry["notes"] = [n for n in (data.heldout_missing if opts.perplexity else None, data.mentions_missing) if n]
+        for note in entry["notes"]:   # once per model, with what it costs
+            console.print(f"[yellow]warning[/] {label}: {note}", highlight=False)
         report["models"].append(entry)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["files"] = write_report(report, out_dir)
     print_report(report, console)
     console.print(f"[bold]eval[/] wrote {', '.join(report['files'].values())} ({report['seconds']} s)")
     return report
-
-
-def _has_split(index_dir: Path, split: str) -> bool:
-    return any((index_dir / "shards").glob(f"{split}-*.safetensors"))
 
 
 def _cuda() -> bool:

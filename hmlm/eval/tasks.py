@@ -9,8 +9,9 @@ common-knowledge controls come from the held-out Wikipedia documents (never in a
 `hmlm_heldout_lastword` (LAMBADA-style last-word prediction) and `hmlm_heldout_ppl` (rolling perplexity).
 
 The files are committed (they are small); `hmlm eval` regenerates them into the cache when hmlm is installed
-without this checkout. Data rows carry the entity, its aliases and entity key so that reports can count the
-entity in a model's own training corpus.
+without this checkout. Data rows carry the entity, its aliases and entity key, and the fact tasks declare them in
+their metadata (`hmlm_entity`, ...: hmlm.eval.entities) so that reports can count the entity in a model's own
+training corpus, as they do for any task that declares it.
 """
 from __future__ import annotations
 
@@ -121,8 +122,12 @@ metric_list:
 metadata:
   version: 1.0
   knowledge: SK
-  relation: {relation}
   template: {template}
+  # the entity of each item, for frequency buckets (docs/eval.md, "Frequency buckets for any task")
+  hmlm_entity: entity
+  hmlm_aliases: aliases
+  hmlm_entity_key: entity_key
+  hmlm_relation: {relation}
 """
 
 

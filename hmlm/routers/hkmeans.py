@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from ..utils import atomic_write_path
 
 FORMAT = "hmlm.hkmeans/1"
 TREE_FILE = "tree.safetensors"
@@ -304,14 +304,8 @@ class HierarchicalKMeans:
         meta = {"format": FORMAT, "k": str(self.branching), "levels": str(self.levels), "dim": str(self.dim),
                 "seed": str(self.seed), "iters": str(self.iters), "batch_size": str(self.batch_size),
                 "balance": repr(self.balance), "fit_stats": json.dumps(self.fit_stats)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "HierarchicalKMeans":

@@ -1,0 +1,159 @@
+"""The evaluation data a model directory carries, so that a copied or moved model evaluates the same anywhere.
+
+`hmlm fit` (through `save_model_dir`) copies from the index into the model directory, paths relative to it:
+
+    shards/val-*.safetensors    the held-out sequences with their stored tree paths (held-out perplexity)
+    node_stats.safetensors      documents and tokens routed to each node (perplexity per leaf frequency)
+    mentions/                   the training split's words (hmlm.eval.mentions) for entity counts, and
+    mentions/facts_meta.json    the bundled corpus's recorded repeat count of each fact, when trained on it
+
+and records them in model.json under `eval_data`. A model directory written before this (no `eval_data`) or the live
+model of the training callback (whose "directory" is the index) reads the same files from the index: the recorded
+index path as is, then the index's folder name beside the model directory (`runs/x/model` -> `runs/x/index`).
+What is missing is reported once per model, with what it costs (`heldout_missing`, `mentions_missing`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .mentions import MentionIndex, index_training_split
+
+HELDOUT_SPLIT = "val"
+
+
+def _shards(folder: Path, split: str = HELDOUT_SPLIT) -> list[Path]:
+    return sorted((folder / "shards").glob(f"{split}-*.safetensors")) if (folder / "shards").is_dir() else []
+
+
+def write_eval_data(index_dir: Path, out: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Copy the evaluation data of `index_dir` into the model directory being written at `out`.
+
+    Returns (model.json's `eval_data` entry, {relative path: sha256} of the files written)."""
+    from ..utils import sha256_file
+
+    index_dir, out = Path(index_dir), Path(out)
+    index_meta = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
+    entry: dict[str, Any] = {"heldout": None, "node_stats": None, "mentions": None, "recorded_counts": None}
+    files: list[Path] = []
+    val = _shards(index_dir)
+    if val and int(index_meta.get("counts", {}).get("val_sequences", 0)) > 0:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        for f in val:
+            shutil.copyfile(f, out / "shards" / f.name)
+            files.append(out / "shards" / f.name)
+        entry["heldout"] = {"shards": "shards", "split": HELDOUT_SPLIT,
+                            "sequences": int(index_meta["counts"]["val_sequences"])}
+    if (index_dir / "node_stats.safetensors").is_file():
+        shutil.copyfile(index_dir / "node_stats.safetensors", out / "node_stats.safetensors")
+        files.append(out / "node_stats.safetensors")
+        entry["node_stats"] = "node_stats.safetensors"
+    mentions, why = index_training_split(index_dir)
+    if mentions is not None:
+        mentions.save(out / "mentions")
+        files += [out / "mentions" / "words.safetensors", out / "mentions" / "vocab.txt"]
+        entry["mentions"] = {"dir": "mentions", "words": mentions.n_words, "documents": mentions.n_documents}
+    else:
+        entry["mentions_missing"] = why
+    facts = Path(index_meta["corpus"]).parent / "facts_meta.json"
+    # repeat counts describe the whole bundled corpus: a max_docs subset states fewer sentences
+    if facts.is_file() and not index_meta.get("data", {}).get("max_docs"):
+        (out / "mentions").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(facts, out / "mentions" / "facts_meta.json")
+        files.append(out / "mentions" / "facts_meta.json")
+        entry["recorded_counts"] = "mentions/facts_meta.json"
+    return entry, {f.relative_to(out).as_posix(): sha256_file(f) for f in files}
+
+
+def find_index(loaded) -> Path | None:
+    """The index a model was trained from, for model directories without `eval_data`: the recorded path if it is
+    absolute, the folder of that name beside the model directory, the recorded path from the working directory, or
+    the loaded "directory" itself (the training callback's); the first whose fingerprint is the model's."""
+    recorded = (loaded.meta.get("index") or {})
+    index = Path(str(recorded.get("dir") or ""))
+    if not str(index):
+        return None
+    model = Path(loaded.path)
+    candidates = [index] if index.is_absolute() else [model.parent / index.name, index]
+    for candidate in [*candidates, model]:
+        meta = candidate / "index.json"
+        if meta.is_file() and recorded.get("fingerprint") in (None, json.loads(meta.read_text(
+                encoding="utf-8")).get("fingerprint")):
+            return candidate
+    return None
+
+
+@dataclass
+class EvalData:
+    """Where one loaded model's evaluation data lies, and why a piece is missing (said once, by the report)."""
+
+    label: str
+    heldout: Path | None = None        # folder with shards/val-*.safetensors and node_stats.safetensors
+    mentions: Path | None = None       # mentions/ folder of a model directory
+    index: Path | None = None          # an index whose corpus is counted instead (no mentions/ folder)
+    recorded: Path | None = None       # facts_meta.json
+    heldout_missing: str | None = None     # why there is no held-out perplexity
+    mentions_missing: str | None = None    # why entity mentions cannot be counted, once something asked
+    _why_no_mentions: str | None = field(default=None, repr=False)
+    _mentions: MentionIndex | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def of(cls, loaded) -> "EvalData":
+        meta = loaded.meta
+        entry = meta.get("eval_data")
+        data = cls(str(loaded.path))
+        if entry is not None:
+            root = Path(loaded.path)
+            if entry.get("heldout") and entry.get("node_stats") and _shards(root):
+                data.heldout = root
+            else:
+                data.heldout_missing = ("the model directory has no held-out split (trained with "
+                                        "data.val_fraction=0?): held-out perplexity is left out")
+            if entry.get("mentions") and (root / entry["mentions"]["dir"] / "words.safetensors").is_file():
+                data.mentions = root / entry["mentions"]["dir"]
+            else:
+                data._why_no_mentions = entry.get("mentions_missing") or "its mentions/ folder is missing"
+            if entry.get("recorded_counts") and (root / entry["recorded_counts"]).is_file():
+                data.recorded = root / entry["recorded_counts"]
+            return data
+        data.index = find_index(loaded)
+        if data.index is None:
+            why = (f"the model directory has no evaluation data (written by an older hmlm) and its index "
+                   f"{(meta.get('index') or {}).get('dir')!r} is not found; re-run `hmlm fit` to export a "
+                   "self-contained model")
+            data.heldout_missing = f"{why}: held-out perplexity is left out"
+            data._why_no_mentions = why
+            return data
+        if _shards(data.index) and (data.index / "node_stats.safetensors").is_file():
+            data.heldout = data.index
+        else:
+            data.heldout_missing = f"the index {data.index} has no held-out split: held-out perplexity is left out"
+        corpus = Path(json.loads((data.index / "index.json").read_text(encoding="utf-8"))["corpus"])
+        max_docs = (meta.get("recipe") or {}).get("data", {}).get("max_docs")
+        if not max_docs and (corpus.parent / "facts_meta.json").is_file():
+            data.recorded = corpus.parent / "facts_meta.json"
+        return data
+
+    def mention_index(self) -> MentionIndex | None:
+        """The training split's word index (loaded, or built from the index's corpus, once); None when there is
+        none, with the reason in `mentions_missing`."""
+        if self._mentions is None and self.mentions_missing is None:
+            why = self._why_no_mentions
+            if self.mentions is not None:
+                self._mentions = MentionIndex.load(self.mentions)
+            elif self.index is not None:
+                self._mentions, why = index_training_split(self.index)
+            if self._mentions is None:
+                self.mentions_missing = (f"entity mentions cannot be counted ({why}): items without a recorded "
+                                         "count get no frequency bucket")
+        return self._mentions
+
+    def recorded_counts(self) -> dict[tuple[str, str], int] | None:
+        """(relation, entity_key) -> repeat count from facts_meta.json; None without one."""
+        if self.recorded is None:
+            return None
+        facts = json.loads(self.recorded.read_text(encoding="utf-8"))["facts"]
+        return {(f["relation"], f["entity_key"]): int(f["repeat_count"]) for f in facts}
