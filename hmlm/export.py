@@ -82,9 +82,23 @@ class LoadedModel:
     @property
     def embedder(self):
         if self._embedder is None:
+            from .embedders import compare_identities
             from .index import build_embedder
 
-            self._embedder = build_embedder(self.recipe)
+            embedder = build_embedder(self.recipe)
+            recorded = self.meta.get("embedder") or {}
+            space, numeric = compare_identities(recorded, embedder.identity()) if recorded else ([], [])
+            if space:
+                raise ModelDirError(f"{self.path / 'model.json'}: the embedder at hand routes in another vector "
+                                    f"space than the one this model's tree was fitted in ({'; '.join(space)}); "
+                                    "evaluate with the embedder the index was built with")
+            if numeric:
+                import warnings
+
+                warnings.warn(f"{self.path}: routing with the same embedder at other numerics than the index "
+                              f"({'; '.join(numeric)}); paths agree on most but not all texts (hmlm embedder check)",
+                              stacklevel=2)
+            self._embedder = embedder
         return self._embedder
 
     @property
@@ -103,7 +117,11 @@ class LoadedModel:
         return torch.from_numpy(self.router.route(emb, blocked=blocked).astype(np.int64))
 
 
-def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
+def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True,
+                   embedder_path: str | Path | None = None) -> LoadedModel:
+    """Load a model directory. `embedder_path` routes with another copy of the index's embedder than the recipe
+    names (a folder from `hmlm embedder export`, or "package" for the pip package), e.g. where the recorded
+    copy's path does not exist."""
     path = Path(path)
     meta_path = path / "model.json"
     meta = read_json_artifact(meta_path, ModelDirError,
@@ -118,6 +136,8 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", veri
             if sha256_file(f) != expected:
                 raise ModelDirError(f"{f}: checksum mismatch (corrupt or modified file); re-export the model")
     recipe = recipe_from_dict(meta["recipe"], source=str(meta_path))
+    if embedder_path is not None:
+        recipe.index.embedder.path = None if str(embedder_path) == "package" else str(embedder_path)
     anchor = build_anchor(recipe, meta["vocab_size"])
     try:
         load_model(anchor, str(path / "anchor.safetensors"))

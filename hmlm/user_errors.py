@@ -5,6 +5,8 @@ from __future__ import annotations
 def _collect() -> tuple[type[BaseException], ...]:
     from .config import RecipeError
     from .data.corpus import CorpusError
+    from .data.demo_corpus import DemoError
+    from .embedders import EmbedderError
     from .eval import EvalError
     from .export import ModelDirError
     from .index import IndexError_
@@ -12,7 +14,7 @@ def _collect() -> tuple[type[BaseException], ...]:
     from .train.fit import FitError
 
     return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, EvalError,
-            FileNotFoundError)
+            EmbedderError, DemoError, FileNotFoundError)
 
 
 USER_ERRORS = _collect()
