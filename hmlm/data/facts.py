@@ -157,6 +157,22 @@ def make_items(relation: Relation, facts: Sequence[dict], counts: Sequence[int])
                      eval_templates=relation.eval_templates, **f) for f, c in zip(facts, counts)]
 
 
+def balanced_counts(n: int, rng: np.random.Generator, *, max_count: int = 1000) -> np.ndarray:
+    """Repeat counts for n facts, balanced over the five buckets: a random fifth each gets 0, 1-9, 10-99,
+    100-999 and exactly `max_count`; inside a bucket the counts are spread evenly in log scale (a Zipf-like
+    density), so e.g. 1, 2, 3, 5, 9 rather than all 5."""
+    counts = np.zeros(n, dtype=np.int64)
+    for (lo, hi, _), group in zip(BUCKETS, np.array_split(rng.permutation(n), len(BUCKETS))):
+        if len(group) == 0 or lo == 0:
+            continue
+        if hi is None:
+            counts[group] = max_count
+            continue
+        values = np.rint(np.exp(np.linspace(np.log(lo), np.log(hi), len(group)))).astype(np.int64)
+        counts[group] = rng.permutation(np.clip(values, lo, hi))
+    return counts
+
+
 def fact_documents(items: list[FactItem], seed: int) -> Iterator[dict]:
     """Documents of 1-3 fact sentences about one entity. An entity's mentions (over all its relations)
     are shuffled and chunked; templates are used in rotation so each one appears about equally often."""

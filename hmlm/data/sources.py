@@ -392,7 +392,8 @@ def rst_text(text: str) -> str:
 def brown_text(tagged: str) -> str:
     """Brown corpus word/TAG text as plain text (tags stripped, tokenised punctuation re-attached)."""
     text = re.sub(r"(\S+)/[^\s]+", r"\1", tagged)
-    text = text.replace("``", '"').replace("''", '"')
+    text = re.sub(r"``\s*", '"', text)
+    text = re.sub(r"\s*''", '"', text)
     text = re.sub(r" ([.,;:?!')])", r"\1", text)
     text = re.sub(r"([(]) ", r"\1", text)
     paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
