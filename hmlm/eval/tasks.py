@@ -89,7 +89,8 @@ def lastword_rows(heldout: list[dict], n_items: int = LASTWORD_ITEMS) -> list[di
             if m is None:
                 continue
             cut = starts[i] + m.start(1)
-            first = next(s for s in starts if cut - s <= LASTWORD_CONTEXT_CHARS)
+            # whole sentences up to LASTWORD_CONTEXT_CHARS; a longer sentence (dictionary text) starts its own context
+            first = next((s for s in starts if cut - s <= LASTWORD_CONTEXT_CHARS), starts[i])
             candidates.append({"id": f"{doc['id']}#{i}", "context": text[first:cut].rstrip(),
                                "target": m.group(1)})
     step = max(1, len(candidates) // n_items)
