@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=1.0, help="epochs of the index per run (1: a fact with "
                    "count c is seen c times)")
     p.add_argument("--budget-s", type=float, default=470.0, help="start no run that would end (plus eval) later")
-    p.add_argument("--eval-s-per-model", type=float, default=25.0)
+    p.add_argument("--eval-s-per-model", type=float, default=30.0, help="eval time reserved per model")
     p.add_argument("--eval-limit", type=int, default=None, help="items per eval task (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--qa", action="store_true", help="also evaluate the question templates")

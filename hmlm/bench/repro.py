@@ -63,7 +63,7 @@ class Options:
     text_mb: float | None = None
     epochs: float = 1.0
     budget_s: float = 470.0               # stop starting runs that would not finish (with eval) within this
-    eval_s_per_model: float = 25.0        # reserved per model for evaluation when planning runs
+    eval_s_per_model: float = 30.0        # reserved per model for evaluation when planning runs
     eval_limit: int | None = None
     eval_batch_size: int = 64
     qa: bool = False                      # also the question templates
@@ -261,7 +261,7 @@ class Part:
                 if d["id"].startswith("fact/"):
                     entity = d["id"][len("fact/"):].rsplit("/", 1)[0]
                     by_entity.setdefault(entity, Counter())[tuple(d["path"])] += 1
-        prompts = [_prompt(self.summary["corpus"], f) for f in seen]
+        prompts = [_prompt(f) for f in seen]
         paths = loaded.route(prompts).tolist()
         levels = len(paths[0]) if paths else 0
         hits = [0] * levels
@@ -273,7 +273,7 @@ class Part:
                                           "same_node_by_level": [h / max(len(seen), 1) for h in hits]}
 
 
-def _prompt(corpus: dict, fact: dict) -> str:
+def _prompt(fact: dict) -> str:
     from ..data.demo_corpus import DEMO_RELATIONS
 
     return DEMO_RELATIONS[fact["relation"]].eval_templates[0].split("{answer}")[0].rstrip().format(

