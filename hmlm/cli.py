@@ -28,7 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="index the corpus if needed, then train (anchor and/or memory)")
     _recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.ckpt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue the run in out_dir: from CKPT (a file name in <out_dir>/checkpoints, or a path), or "
+                        "without CKPT from the newest checkpoint whose checksum verifies")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run over the one in out_dir (it is moved aside, and deleted only once the new "
+                        "run has written its first checkpoint)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checksum verification of the index, the checkpoint and anchor.init_from (for files "
+                        "written before hmlm recorded checksums; a corrupt file then fails late or trains silently)")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device, print parameter counts, exit")
 
@@ -55,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="task folder (default: evals/tasks)")
     p.add_argument("--max-gen-toks", type=int, default=32)
     p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity per leaf")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load model directories whose model.json has no checksums (files are not verified)")
     p.add_argument("--embedder-path", default=None, metavar="DIR",
                    help="route with this copy of the embedder (from `hmlm embedder export`; `package` = the pip "
                         "package) instead of the one recorded in each model's recipe")
@@ -116,12 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from .config import load_recipe
 
+    resume = getattr(args, "resume", False)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # `--resume trainer.max_steps=90`: argparse took the first override as the checkpoint name
+        args.overrides.insert(0, resume)
+        args.resume = True
     return load_recipe(args.recipe, args.overrides)
 
 
-def dry_run(recipe) -> None:
+def dry_run(recipe, source: str) -> None:
     from .model import size_report
+    from .train.preflight import check_model
 
+    check_model(recipe, source)  # an unknown preset or a bad shape: one message, not a traceback
     vocab = _vocab_for(recipe)
     rep = size_report(recipe, vocab)
     print(f"vocab size: {vocab}")
@@ -139,18 +156,9 @@ def dry_run(recipe) -> None:
 
 
 def _vocab_for(recipe) -> int:
-    from .data.tokenizer import padded_vocab_size
+    from .index import vocab_size_for
 
-    if recipe.anchor.vocab_size:
-        return recipe.anchor.vocab_size
-    meta = Path(recipe.index.dir) / "index.json"
-    if meta.is_file():
-        import json
-
-        return padded_vocab_size(json.loads(meta.read_text())["tokenizer"]["vocab_size"])
-    if recipe.data.tokenizer.kind == "gpt2":
-        return padded_vocab_size(50258)  # GPT-2's 50,257 + our pad token
-    return padded_vocab_size(recipe.data.tokenizer.vocab_size)
+    return vocab_size_for(recipe)
 
 
 def _bench(args, recipe) -> int:
@@ -224,7 +232,14 @@ def _data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after a flag (`fit --recipe R --overwrite trainer.max_steps=5`): argparse leaves them over
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides.extend(extra)
     from .user_errors import USER_ERRORS
 
     try:
@@ -269,16 +284,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "index":
             from .index import ensure_index
+            from .train.paths import check_paths
 
-            ensure_index(recipe, console, rebuild=args.rebuild)
+            check_paths(recipe, args.recipe)
+            ensure_index(recipe, console, rebuild=args.rebuild, verify=True)
             return 0
         if args.command == "fit":
             if args.dry_run:
-                dry_run(recipe)
+                dry_run(recipe, args.recipe)
                 return 0
             from .train.fit import fit
 
-            fit(recipe, resume=args.resume, console=console)
+            fit(recipe, resume=args.resume, overwrite=args.overwrite, verify=not args.no_verify, source=args.recipe,
+                console=console)
             return 0
     except USER_ERRORS as exc:
         from rich.markup import escape

@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 from .config import Recipe, recipe_from_dict, to_dict
 from .data.tokenizer import Tokenizer
 from .model import MemoryLM, build_anchor, build_layout, build_store
-from .utils import atomic_dir, read_json_artifact, sha256_file, versions, write_json
+from .utils import atomic_dir, read_json_artifact, sha256_file, verify_checksums, versions, write_json
 
 MODEL_FORMAT = 1
 
@@ -65,6 +65,31 @@ def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, 
             meta.update(extra)
         write_json(tmp / "model.json", meta)
     return out
+
+
+def verify_model_files(path: Path, meta: dict[str, Any], *, only: Sequence[str] | None = None,
+                       progress: bool = False) -> None:
+    """Check the model files against model.json's `checksums` (all of them, or the ones named in `only`).
+
+    A model.json without `checksums`, or one that leaves a weight file out of them, is refused: deleting the key
+    must not silently turn verification off. Loading such a model anyway takes an explicit verify=False
+    (`hmlm eval --no-verify`, `hmlm fit --no-verify` for anchor.init_from).
+    """
+    meta_path = path / "model.json"
+    sums = meta.get("checksums")
+    skip_hint = "or load it without verification: verify=False in the API, --no-verify on the command line"
+    if not isinstance(sums, dict) or not sums:
+        raise ModelDirError(f"{meta_path}: key `checksums` is missing, so the model files cannot be verified; "
+                            f"re-export the model (hmlm fit writes it), {skip_hint}")
+    weights = ([path / "anchor.safetensors", path / "tree.safetensors"] + sorted((path / "bank").glob("*"))
+               + sorted((path / "tokenizer").glob("*")))
+    uncovered = [f for f in weights if f.is_file() and f.relative_to(path).as_posix() not in sums]
+    if uncovered:
+        raise ModelDirError(f"{uncovered[0]}: not covered by key `checksums` of {meta_path}, so it cannot be "
+                            f"verified; re-export the model, {skip_hint}")
+    if only is not None:
+        sums = {rel: sums[rel] for rel in only if rel in sums}
+    verify_checksums(path, sums, ModelDirError, listed_in=meta_path, fix="re-export the model", progress=progress)
 
 
 @dataclass
@@ -129,12 +154,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", veri
     if meta.get("format") != MODEL_FORMAT:
         raise ModelDirError(f"{meta_path}: model format {meta.get('format')!r}, this hmlm reads {MODEL_FORMAT}")
     if verify:
-        for rel, expected in meta.get("checksums", {}).items():
-            f = path / rel
-            if not f.is_file():
-                raise ModelDirError(f"{f}: missing file listed in model.json")
-            if sha256_file(f) != expected:
-                raise ModelDirError(f"{f}: checksum mismatch (corrupt or modified file); re-export the model")
+        verify_model_files(path, meta)
     recipe = recipe_from_dict(meta["recipe"], source=str(meta_path))
     if embedder_path is not None:
         recipe.index.embedder.path = None if str(embedder_path) == "package" else str(embedder_path)

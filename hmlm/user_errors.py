@@ -11,7 +11,7 @@ def _collect() -> tuple[type[BaseException], ...]:
     from .export import ModelDirError
     from .index import IndexError_
     from .registry import PluginError
-    from .train.fit import FitError
+    from .train.errors import FitError
 
     return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, EvalError,
             EmbedderError, DemoError, FileNotFoundError)

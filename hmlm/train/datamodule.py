@@ -40,8 +40,9 @@ class StreamSampler(Sampler[int]):
 
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, index_dir: str | Path, *, batch_size: int, seed: int, num_workers: int = 0,
-                 val_batch_size: int | None = None):
+                 val_batch_size: int | None = None, val: bool = True):
         super().__init__()
+        self.with_val = val  # False: the index has no validation split (data.val_fraction=0)
         self.index_dir = Path(index_dir)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -50,12 +51,14 @@ class ShardDataModule(L.LightningDataModule):
         self.train_set: SequenceShards | None = None
         self.val_set: SequenceShards | None = None
         self.subtree_plan = None  # trainer.data_parallel=subtree: set by fit() (hmlm.train.affine.SubtreePlan)
+        # batches dropped for a non-finite loss (hmlm.train.guard): they used up stream positions but no global step
+        self.skipped_batches = 0
 
     def setup(self, stage: str | None = None) -> None:
         shards = self.index_dir / "shards"
         if self.train_set is None:
             self.train_set = SequenceShards(shards, "train")
-        if self.val_set is None:
+        if self.val_set is None and self.with_val:
             self.val_set = SequenceShards(shards, "val")
 
     def _world(self) -> tuple[int, int]:
@@ -68,6 +71,7 @@ class ShardDataModule(L.LightningDataModule):
         self.setup("fit")
         rank, world = self._world()
         step = self.trainer.global_step if getattr(self, "trainer", None) is not None else 0
+        step += self.skipped_batches
         if self.subtree_plan is not None:
             from .affine import SubtreeSampler
 

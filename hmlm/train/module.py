@@ -71,6 +71,7 @@ class HMLMModule(L.LightningModule):
         self.bank_sync = None
         self.comm_counter = None
         self.val_ppl = torch.nn.ModuleDict({m: Perplexity(ignore_index=-100) for m in self.eval_modes})
+        self.skip_update = False  # set after backward by hmlm.train.guard (trainer.nonfinite.skip): drop this batch
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -182,6 +183,8 @@ class HMLMModule(L.LightningModule):
                             grad_memory=self.train_memory)
         loss = self._loss(logits, batch["labels"])
         self.manual_backward(loss)
+        if self._skip_this_update():
+            return None
 
         stats: dict[str, Any] = {}
         if anchor_opt is not None and self.recipe.optim.anchor.grad_clip > 0:
@@ -203,6 +206,15 @@ class HMLMModule(L.LightningModule):
         for key, val in stats.items():
             self.log(key, float(val), on_step=True)
         return loss.detach()
+
+    def _skip_this_update(self) -> bool:
+        """The non-finite guard rejected this batch's loss/gradients: no optimizer (anchor or bank) may see them."""
+        if not self.skip_update:
+            return False
+        self.skip_update = False
+        if self.model.store is not None:
+            self.model.store.discard_fetched()
+        return True
 
     def _doc_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch["doc_ids"] if self.recipe.data.doc_mask else None
