@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The small-scale reproduction on the GPU machine (docs/results.md): one self-contained part per call.
 #
-#   bash benchmarks/gpu_repro.sh OUTDIR --part 1      # seed 0: S, S+mem, 2S, S+generic
-#   bash benchmarks/gpu_repro.sh OUTDIR --part 2      # seed 1: S, S+mem, 2S, S->mem frozen
+#   bash benchmarks/gpu_repro.sh OUTDIR --part 1      # seed 0: S, S+mem, 2S, then S+generic if time is left
+#   bash benchmarks/gpu_repro.sh OUTDIR --part 2      # seed 1: S, S+mem, 2S, then S->mem frozen if time is left
 #   bash benchmarks/gpu_repro.sh OUTDIR --tiny --part all --text-mb 1 --facts-per-relation 20   # CPU rehearsal
 #
 # Reads .repro/ (HMLM_REPRO to change it), filled once on a machine with registry access by
 # benchmarks/gpu_repro_prepare.sh: site.tar.xz (packages the GPU image lacks: lm-eval and its imports, omegaconf),
 # minilm-bf16/ (hmlm embedder export) and demo/ (hmlm data build-demo). Nothing is installed: the packages are
-# unpacked to /tmp and appended to sys.path by benchmarks/gpu_repro.py. Writes to OUTDIR at most 6 files:
+# unpacked to /tmp and appended to sys.path by benchmarks/gpu_repro.py. Writes to OUTDIR 5 files, rewritten after every run:
 # summary.json, table.md, fig1_accuracy_by_frequency.png, eval_reports.json.xz, log.txt. Exit status 1 if a run
 # was skipped or failed (the summary says which and why).
 set -euo pipefail

@@ -63,11 +63,37 @@ def test_budget_and_dependencies_skip_runs_with_reasons(demo_dir, tmp_path):
     assert not (tmp_path / "out" / "fig1_accuracy_by_frequency.png").exists()
 
 
-def test_part_trains_evaluates_and_merges(demo_dir, tmp_path):
-    opts = _opts(demo_dir, tmp_path, runs=("S", "S+mem", "S+generic", "S->mem frozen"), epochs=0.05)
-    summary = run_part(opts)
+def _gpu_script():
+    spec = importlib.util.spec_from_file_location("gpu_repro", REPO / "benchmarks" / "gpu_repro.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_part_trains_evaluates_and_merges(demo_dir, tmp_path, monkeypatch):
+    """The GPU call's whole path (benchmarks/gpu_repro.py's command line -> run_part) on the tiny twins, with one run
+    failing on purpose: it is recorded, the others still train and evaluate, and the exit status says so."""
+    import hmlm.bench.repro as repro
+
+    train = repro.Part.train
+
+    def train_or_fail(self, key):
+        if key == "2S":
+            raise RuntimeError("injected failure")
+        return train(self, key)
+
+    monkeypatch.setattr(repro.Part, "train", train_or_fail)
+    order = ("S", "2S", "S+mem", "S+generic", "S->mem frozen")
+    rc = _gpu_script().main(["--out", str(tmp_path / "out"), "--part", "all", "--tiny", "--runs", ",".join(order),
+                             "--recipes", str(DEMO), "--demo", str(demo_dir), "--work", str(tmp_path / "work"),
+                             "--facts-per-relation", "10", "--eval-limit", "2", "--budget-s", "1e6",
+                             "--epochs", "0.01"])
+    assert rc == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     runs = summary["runs"]
-    assert {k: r["status"] for k, r in runs.items()} == dict.fromkeys(opts.runs, "ok")
+    assert runs["2S"]["status"] == "failed: RuntimeError: injected failure" and "traceback" in runs["2S"]
+    del runs["2S"]
+    assert {k: r["status"] for k, r in runs.items()} == dict.fromkeys(runs, "ok")
     steps = {r["steps"] for r in runs.values()}
     assert len(steps) == 1 and {r["tokens"] for r in runs.values()} == {steps.pop() * 8 * 64}   # equal tokens
     assert "eval" in runs["S+mem"], runs["S+mem"].get("traceback")
@@ -98,12 +124,14 @@ def test_part_trains_evaluates_and_merges(demo_dir, tmp_path):
     assert (tmp_path / "merged" / "fig1_accuracy_by_frequency.png").stat().st_size > 10_000
     assert {c["label"] for c in merged["curves"]} >= {"S", "S+mem (fetched)", "S+mem (generic)"}
 
+    # the driver again on the same --work: the existing run of S is replaced (fit --overwrite), not refused
+    again = run_part(_opts(demo_dir, tmp_path, out=tmp_path / "again", runs=("S",), epochs=0.01))
+    assert again["runs"]["S"]["status"] == "ok" and "eval" in again["runs"]["S"]
+    assert not list((models / "demo-S-s0").glob(".previous-*"))     # the replaced run is gone once it succeeded
+
 
 def test_gpu_script_declares_the_installed_entry_points(tmp_path):
     """On the GPU machine hmlm is not pip-installed; the driver declares the same plugins from pyproject.toml."""
-    spec = importlib.util.spec_from_file_location("gpu_repro", REPO / "benchmarks" / "gpu_repro.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    declared = md.PathDistribution(module.write_dist_info(tmp_path))
+    declared = md.PathDistribution(_gpu_script().write_dist_info(tmp_path))
     key = lambda d: {(e.group, e.name, e.value) for e in d.entry_points if e.group.startswith("hmlm.")}  # noqa: E731
     assert key(declared) == key(md.distribution("hmlm")) and declared.metadata["Name"] == "hmlm"

@@ -62,7 +62,7 @@ class Options:
     facts_per_relation: int = 250
     text_mb: float | None = None
     epochs: float = 1.0
-    budget_s: float = 470.0               # stop starting runs that would not finish (with eval) within this
+    budget_s: float = 520.0               # start no run that would not finish (with its eval) within this
     eval_s_per_model: float = 30.0        # reserved per model for evaluation when planning runs
     eval_limit: int | None = None
     eval_batch_size: int = 64
@@ -196,15 +196,16 @@ class Part:
         tokens = self.max_steps * recipe.trainer.batch_size * recipe.data.seq_len
         entry.update(steps=self.max_steps, tokens=tokens)
         estimate = tokens / self._throughput(entry["params"]) + 10
-        reserve = self.opts.eval_s_per_model * (len(self.model_dirs) + 1)
+        reserve = self._eval_reserve(run)     # earlier runs are already evaluated (run_part)
         if elapsed(self.opts) + estimate + reserve > self.opts.budget_s:
             entry["status"] = (f"skipped: would end at ~{elapsed(self.opts) + estimate:.0f} s with "
                                f"{reserve:.0f} s reserved for eval, over the {self.opts.budget_s:.0f} s budget")
             self.opts.log(f"  {key}: {entry['status']}")
             return
         t0 = time.perf_counter()
-        # the final held-out perplexity per mode needs no lm-eval, so it is there even if the evaluation fails
-        result = fit(recipe, progress=False, final_eval=True)
+        # the final held-out perplexity per mode needs no lm-eval, so it is there even if the evaluation fails;
+        # overwrite: a re-run of the driver on the same --work replaces the part's own earlier run of this recipe
+        result = fit(recipe, progress=False, final_eval=True, overwrite=True)
         entry["wall_seconds"] = round(time.perf_counter() - t0, 1)
         entry["train_seconds"] = result["seconds"]
         entry["tokens_per_s"] = round(tokens / max(result["seconds"], 1e-9))
@@ -215,6 +216,12 @@ class Part:
         self.opts.log(f"  {key}: {self.max_steps} steps, {tokens:,} tokens in {result['seconds']} s "
                       f"({entry['tokens_per_s']:,} tokens/s)")
         _free_memory()
+
+    def _eval_reserve(self, run: Run) -> float:
+        """Seconds to keep for evaluating `run`: --eval-s-per-model, or more where the evaluations so far took
+        longer per memory mode (a model with memory is evaluated in up to three modes)."""
+        per_mode = [r["eval_seconds"] / len(r["modes"]) for r in self.summary["runs"].values() if "eval_seconds" in r]
+        return max([self.opts.eval_s_per_model] + [s * len(run.modes) for s in per_mode])
 
     def _throughput(self, p: dict[str, int]) -> float:
         """Tokens/s expected for a run of these parameters, scaled from the runs timed so far (compute ~ the
@@ -401,7 +408,10 @@ def plot_fig1(summaries: Sequence[dict], path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    from ..utils import atomic_write_path
+
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -447,50 +457,64 @@ def _count(n: int) -> str:
 # ---------------------------------------------------------------- driver
 
 def run_part(opts: Options) -> dict:
-    """Run one part end to end (see the module docstring); returns the summary."""
+    """Run one part end to end (see the module docstring); returns the summary. Each run is evaluated right after it
+    is trained and the table and plot are rewritten, so a call cut off by its wall-time limit still leaves every
+    finished run's results."""
     opts.out.mkdir(parents=True, exist_ok=True)
     part = Part(opts)
     part.save()
     part.step("expand demo corpus", part.expand)
     part.step("index", part.index)
+    title = f"part {opts.part}, seed {part.seed} ({part.summary['device']})"
     for key in part.runs:
-        try:
-            part.step(f"train {key}", lambda k=key: part.train(k))
-        except Exception as exc:   # one failed run must not cost the others
-            part.summary["runs"][key]["status"] = f"failed: {type(exc).__name__}: {exc}"
-            part.summary["runs"][key]["traceback"] = traceback.format_exc()[-4000:]
-            opts.log(f"  {key}: FAILED {type(exc).__name__}: {exc}")
-    trained = [k for k in part.runs if part.summary["runs"][k].get("status") == "ok"]
-    if "S+mem" in trained:
-        try:
-            part.step("prompt routing", lambda: part.prompt_routing("S+mem"))
-        except Exception as exc:
-            part.summary["prompt_routing"] = {"error": f"{type(exc).__name__}: {exc}"}
-    for key in trained:
-        try:
-            part.step(f"eval {key}", lambda k=key: part.evaluate(k))
-        except Exception as exc:
-            part.summary["runs"][key]["eval_error"] = f"{type(exc).__name__}: {exc}"
-            part.summary["runs"][key]["traceback"] = traceback.format_exc()[-4000:]
-            opts.log(f"  eval {key}: FAILED {type(exc).__name__}: {exc}")
-    write_outputs([part.summary], opts.out, title=f"part {opts.part}, seed {part.seed} ({part.summary['device']})")
-    if part.reports:
-        _write_reports(part.reports, opts.out / "eval_reports.json.xz")
+        trained = _guarded(part, key, f"train {key}", lambda k=key: part.train(k))
+        if not trained or part.summary["runs"][key].get("status") != "ok":
+            continue
+        if key == "S+mem":
+            try:
+                part.step("prompt routing", lambda: part.prompt_routing("S+mem"))
+            except Exception as exc:
+                part.summary["prompt_routing"] = {"error": f"{type(exc).__name__}: {exc}"}
+        if _guarded(part, key, f"eval {key}", lambda k=key: part.evaluate(k), field="eval_error"):
+            write_outputs([part.summary], opts.out, title=title)
+            _write_reports(part.reports, opts.out / "eval_reports.json.xz")
     part.save()
     opts.log(f"[{elapsed(opts):6.1f} s] done: {opts.out / 'summary.json'}")
     return part.summary
 
 
+def _guarded(part: Part, key: str, name: str, fn: Callable[[], Any], field: str = "status") -> bool:
+    """Run one step of run `key`; a failure is recorded in its summary entry (one failed run must not cost the
+    others). Returns whether the step finished."""
+    try:
+        part.step(name, fn)
+        return True
+    except Exception as exc:
+        entry = part.summary["runs"].setdefault(key, {})
+        entry[field] = f"failed: {type(exc).__name__}: {exc}" if field == "status" else f"{type(exc).__name__}: {exc}"
+        entry["traceback"] = traceback.format_exc()[-4000:]
+        part.opts.log(f"  {name}: FAILED {type(exc).__name__}: {exc}")
+        part.save()
+        return False
+
+
 def write_outputs(summaries: Sequence[dict], out: Path, title: str) -> None:
+    """table.md and the Fig.-1 plot, each replaced atomically (a call cut off mid-write keeps the previous one)."""
+    from ..utils import atomic_write_path
+
     if any("eval" in r for s in summaries for r in s["runs"].values()):
         plot_fig1(summaries, out / "fig1_accuracy_by_frequency.png", title)
-        (out / "table.md").write_text(markdown_table(summaries), encoding="utf-8")
+        with atomic_write_path(out / "table.md") as tmp:
+            tmp.write_text(markdown_table(summaries), encoding="utf-8")
 
 
 def _write_reports(reports: list[dict], path: Path) -> None:
     import lzma
 
-    path.write_bytes(lzma.compress(json.dumps(reports, default=str).encode(), preset=6))
+    from ..utils import atomic_write_path
+
+    with atomic_write_path(path) as tmp:
+        tmp.write_bytes(lzma.compress(json.dumps(reports, default=str).encode(), preset=6))
 
 
 def merge(summary_files: Sequence[Path], out: Path) -> dict:
