@@ -195,7 +195,10 @@ class Part:
         entry["params"] = params(recipe, self.vocab)
         tokens = self.max_steps * recipe.trainer.batch_size * recipe.data.seq_len
         entry.update(steps=self.max_steps, tokens=tokens)
-        estimate = tokens / self._throughput(entry["params"]) + 10
+        # fixed cost per run (trainer start-up, final held-out perplexity, export): the largest seen so far, >= 10 s
+        overhead = max([10.0] + [r["wall_seconds"] - r["train_seconds"] for r in self.summary["runs"].values()
+                                 if r.get("status") == "ok"])
+        estimate = tokens / self._throughput(entry["params"]) + overhead
         reserve = self._eval_reserve(run)     # earlier runs are already evaluated (run_part)
         if elapsed(self.opts) + estimate + reserve > self.opts.budget_s:
             entry["status"] = (f"skipped: would end at ~{elapsed(self.opts) + estimate:.0f} s with "
