@@ -65,6 +65,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity per leaf")
     p.add_argument("--no-verify", action="store_true",
                    help="load model directories whose model.json has no checksums (files are not verified)")
+    p.add_argument("--embedder-path", default=None, metavar="DIR",
+                   help="route with this copy of the embedder (from `hmlm embedder export`; `package` = the pip "
+                        "package) instead of the one recorded in each model's recipe")
+
+    p = sub.add_parser("embedder", help="local copies of the embedder (export) and their routing agreement (check)")
+    emb = p.add_subparsers(dest="embedder", required=True)
+    e = emb.add_parser("export", help="write a copy of the MiniLM package's weights (e.g. bf16, 45 MB) to a folder")
+    e.add_argument("--out", type=Path, required=True, help="folder to write (index.embedder.path then names it)")
+    e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    e = emb.add_parser("check", help="route a corpus sample with the fp32 package and with a copy; agreement per level")
+    _recipe_args(e)
+    e.add_argument("--path", type=Path, required=True, help="the copy (from `hmlm embedder export`)")
+    e.add_argument("--docs", type=int, default=2000, help="documents sampled from the recipe's corpus")
+    e.add_argument("--precisions", default="float32,bfloat16", help="arithmetic of the copy to compare")
+    e.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+
+    p = sub.add_parser("data", help="the demo corpus: build it from source packages, expand it into a corpus")
+    data = p.add_subparsers(dest="data", required=True)
+    d = data.add_parser("build-demo", help="real text + fact tables from the packages of "
+                        "scripts/fetch_demo_sources.sh, compressed into a folder that can travel (offline)")
+    d.add_argument("--sources", type=Path, required=True, help="folder filled by scripts/fetch_demo_sources.sh")
+    d.add_argument("--out", type=Path, required=True, help="demo folder to write")
+    d.add_argument("--max-text-mb", type=float, default=46.0, help="cap on real text (MB of characters), "
+                   "split fairly over the sources; 0 = no cap (46 MB compresses to ~12 MiB: what fits a 64 MiB GPU "
+                   "transfer next to the bf16 MiniLM copy)")
+    d.add_argument("--seed", type=int, default=0, help="which documents a capped source keeps")
+    d = data.add_parser("expand-demo", help="corpus.jsonl + fact sentences with exact repeat counts + eval tasks")
+    d.add_argument("--demo", type=Path, required=True, help="folder written by build-demo")
+    d.add_argument("--out", type=Path, required=True, help="corpus folder to write (data.corpus=OUT/corpus.jsonl)")
+    d.add_argument("--seed", type=int, default=0, help="fact choice, repeat counts and document order")
+    d.add_argument("--facts-per-relation", type=int, default=250, help="at most this many facts per relation")
+    d.add_argument("--text-mb", type=float, default=None, help="use at most this much of the real text")
 
     p = sub.add_parser("inspect", help="a model's bank: per-level sizes, tiers, bytes and block usage (table + PNG)")
     p.add_argument("dir", metavar="DIR", help="a model directory, or the run directory holding model/")
@@ -241,6 +273,32 @@ def _bench(args, recipe) -> int:
     return 0
 
 
+def _data(args) -> int:
+    if args.data == "build-demo":
+        from .data.demo import build_demo
+
+        m = build_demo(args.sources, args.out, max_text_mb=args.max_text_mb or None, seed=args.seed,
+                       log=lambda msg: console.print(f"[bold]build-demo[/] {msg}", highlight=False))
+        for s, v in m["sources"].items():
+            console.print(f"  {s:<12} {v['docs']:>7,} docs {v['chars'] / 1e6:7.2f} MB "
+                          f"(of {v['chars_available'] / 1e6:.2f}; {v['fact_sentences_removed']:,} fact sentences "
+                          "removed)", highlight=False)
+        size = sum(f["bytes"] for f in m["files"].values()) / 2**20
+        console.print(f"[bold]build-demo[/] wrote {args.out}: {m['text_chars'] / 1e6:.1f} MB of text in "
+                      f"{m['text_docs']:,} documents, facts {m['facts']}, {size:.1f} MiB on disk ({m['seconds']} s)")
+        return 0
+    from .data.demo_corpus import expand_demo
+
+    s = expand_demo(args.demo, args.out, seed=args.seed, facts_per_relation=args.facts_per_relation,
+                    text_mb=args.text_mb)
+    chars = sum(v["chars"] for v in s["sources"].values())
+    console.print(f"[bold]expand-demo[/] wrote {args.out}: {chars / 1e6:.1f} MB in "
+                  f"{sum(v['docs'] for v in s['sources'].values()):,} documents, {s['facts']} facts stated in "
+                  f"{s['fact_sentences']:,} sentences, buckets {s['buckets']}, {len(s['tasks'])} eval tasks "
+                  f"({s['seconds']} s)", highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -270,6 +328,16 @@ def main(argv: list[str] | None = None) -> int:
 
             eval_from_args(args, console)
             return 0
+        if args.command == "data":
+            return _data(args)
+        if args.command == "embedder" and args.embedder == "export":
+            from .embedders.local_copy import export_copy
+
+            meta = export_copy(args.out, args.dtype)
+            size = sum(p.stat().st_size for p in Path(args.out).iterdir()) / 2**20
+            console.print(f"[bold]embedder[/] wrote {args.out}: {meta['model']} in {meta['dtype']}, "
+                          f"{meta['parameters']:,} parameters, {size:.1f} MiB")
+            return 0
         recipe = _load(args)
         if args.print_config:
             from .config import to_yaml
@@ -278,6 +346,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return _bench(args, recipe)
+        if args.command == "embedder":
+            from .embedders.agreement import check_agreement, print_agreement
+
+            result = check_agreement(recipe, args.path, n_docs=args.docs, console=console,
+                                     precisions=[p for p in args.precisions.split(",") if p])
+            print_agreement(result, console)
+            if args.out:
+                from .utils import write_json
+
+                write_json(args.out, result)
+            return 0
         if args.command == "index":
             from .index import ensure_index
             from .train.paths import check_paths

@@ -46,6 +46,8 @@ class EmbedderConfig:
     max_length: int = 256        # word pieces per document seen by MiniLM (its trained limit)
     dim: int = 384               # only used by embedders without a fixed width (hashing)
     precision: str = "auto"      # minilm: auto (bf16 where the hardware does it natively) | float32 | bfloat16
+    path: Optional[str] = None   # minilm: a local copy written by `hmlm embedder export` (e.g. bf16, 45 MB) instead
+                                 # of the pip package; the index fingerprint covers its content, not this path
 
 
 @dataclass

@@ -129,9 +129,23 @@ class LoadedModel:
     @property
     def embedder(self):
         if self._embedder is None:
+            from .embedders import compare_identities
             from .index import build_embedder
 
-            self._embedder = build_embedder(self.recipe)
+            embedder = build_embedder(self.recipe)
+            recorded = self.meta.get("embedder") or {}
+            space, numeric = compare_identities(recorded, embedder.identity()) if recorded else ([], [])
+            if space:
+                raise ModelDirError(f"{self.path / 'model.json'}: the embedder at hand routes in another vector "
+                                    f"space than the one this model's tree was fitted in ({'; '.join(space)}); "
+                                    "evaluate with the embedder the index was built with")
+            if numeric:
+                import warnings
+
+                warnings.warn(f"{self.path}: routing with the same embedder at other numerics than the index "
+                              f"({'; '.join(numeric)}); paths agree on most but not all texts (hmlm embedder check)",
+                              stacklevel=2)
+            self._embedder = embedder
         return self._embedder
 
     @property
@@ -163,12 +177,14 @@ class LoadedModel:
 
 
 def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True,
-                   model: MemoryLM | None = None) -> LoadedModel:
+                   model: MemoryLM | None = None, embedder_path: str | Path | None = None) -> LoadedModel:
     """Load a model directory for inference. Bank levels are placed on tiers planned for inference (memory.tiers of
     the recipe; `auto` plans without optimizer state); disk-tier levels are read in place from `bank/`.
 
     `model` reuses a model already in memory (the one `hmlm fit` just exported): only the router, tokenizer and
-    metadata are read, nothing is re-loaded or re-hashed.
+    metadata are read, nothing is re-loaded or re-hashed. `embedder_path` routes with another copy of the index's
+    embedder than the recipe names (a folder from `hmlm embedder export`, or "package" for the pip package), e.g.
+    where the recorded copy's path does not exist.
     """
     path = Path(path)
     meta_path = path / "model.json"
@@ -180,6 +196,8 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", veri
     if verify and model is None:
         verify_model_files(path, meta)
     recipe = recipe_from_dict(meta["recipe"], source=str(meta_path))
+    if embedder_path is not None:
+        recipe.index.embedder.path = None if str(embedder_path) == "package" else str(embedder_path)
     if model is None:
         model = _load_weights(path, meta, recipe, device, verify=verify)
     from .index import load_router

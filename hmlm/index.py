@@ -29,6 +29,7 @@ from .config import Recipe
 from .data.corpus import read_corpus
 from .data.packing import pack_by_leaf, write_shards
 from .data.tokenizer import Tokenizer, build_tokenizer
+from .embedders import fingerprint_fields as embedder_fingerprint
 from .utils import (FileLock, atomic_dir, read_json_artifact, recover_atomic_dir, sha256_file, verify_checksums, versions,
                     write_json)
 
@@ -44,8 +45,8 @@ def fingerprint(recipe: Recipe) -> str:
     data = asdict(recipe.data)
     data.pop("num_workers", None)
     data.pop("doc_mask", None)  # the shards always carry doc ids; masking is a training-time choice
-    key = {"data": data, "embedder": asdict(recipe.index.embedder), "router": asdict(recipe.index.router),
-           "seed": recipe.seed, "format": INDEX_FORMAT}
+    key = {"data": data, "embedder": embedder_fingerprint(recipe.index.embedder),
+           "router": asdict(recipe.index.router), "seed": recipe.seed, "format": INDEX_FORMAT}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

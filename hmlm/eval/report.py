@@ -47,6 +47,8 @@ class EvalOptions:
     ambiguous: tuple[str, ...] = ()
     perplexity: bool = True
     max_gen_toks: int = 32
+    embedder_path: str | None = None   # route with this embedder copy ("package": the pip package) instead of
+                                       # the one each model's recipe names (hmlm.export.load_model_dir)
     verify: bool = True          # False: load model dirs whose model.json has no checksums (hmlm eval --no-verify)
 
 
@@ -211,7 +213,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     report: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "options": asdict(opts),
                               "buckets": bucket_labels(opts.edges), "models": []}
     for path, label in zip(paths, _labels(paths)):
-        loaded = load_model_dir(path, device=device, verify=opts.verify)
+        loaded = load_model_dir(path, device=device, embedder_path=opts.embedder_path, verify=opts.verify)
         rc = loaded.recipe.index.router
         have = set(available_modes(loaded))
         modes, skipped = [], {}
@@ -315,6 +317,7 @@ def eval_from_args(args, console: Console) -> dict:
                        out=args.out, edges=parse_edges(args.buckets), include_path=args.include_path,
                        bucket_source=args.bucket_source, ambiguous=tuple(split(args.ambiguous)),
                        perplexity=not args.no_perplexity, max_gen_toks=args.max_gen_toks,
+                       embedder_path=getattr(args, "embedder_path", None),
                        verify=not getattr(args, "no_verify", False))
     if not opts.memory:
         raise EvalError("--memory is empty; use e.g. fetched,generic,none")
