@@ -64,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    b.add_argument("--compile", action="store_true", help="torch.compile the anchor")
+    b.add_argument("--compile", action="store_true", help="torch.compile the training step (trainer.compile)")
+    b = bench.add_parser("fit-overhead", help="tokens/s of `hmlm fit` (Lightning, data, logging, checkpoints) vs "
+                                              "the bench's training step at the same shape")
+    _recipe_args(b)
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--compile", action="store_true", help="torch.compile the training step (trainer.compile)")
     b = bench.add_parser("scaling", help="data-parallel throughput on 1..N devices: subtree-affine vs DDP of the bank")
     _recipe_args(b)
     b.add_argument("--devices", default="1,2", help="world sizes to measure, e.g. 1,2,4,8")
@@ -149,6 +156,19 @@ def _bench(args, recipe) -> int:
                   out_dir=args.out_dir, tasks=tasks, limit=args.limit, console=console)
         return 0
 
+    if args.bench == "fit-overhead":
+        from .bench.fit_overhead import run_fit_overhead
+
+        rows = run_fit_overhead(recipe, vocab_size=_vocab_for(recipe), steps=args.steps, warmup=args.warmup,
+                                compile=args.compile, out=args.out)
+        table = Table(title=f"fit vs bench, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
+        for col in ("config", "step_ms", "tokens_per_s", "ratio_vs_bench"):
+            table.add_column(col, justify="left" if col == "config" else "right")
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in ("config", "step_ms", "tokens_per_s", "ratio_vs_bench")))
+        console.print(table)
+        return 0
+
     from .bench.train_step import run_bench
 
     rows = run_bench(recipe, vocab_size=_vocab_for(recipe), stores=[s for s in args.stores.split(",") if s],
@@ -157,8 +177,9 @@ def _bench(args, recipe) -> int:
     for col in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu",
-                                             "ratio_vs_anchor", "peak_mem_gib")))
+        table.add_row(*(str(r.get(c, r.get("error", "-") if c == "step_ms" else "-"))
+                        for c in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor",
+                                  "peak_mem_gib")))
     console.print(table)
     return 0
 

@@ -120,6 +120,10 @@ class OptimGroups:
     memory: OptimConfig = field(default_factory=_memory_optim)
 
 
+# torch.compile modes for trainer.compile_mode ("default" = torch.compile's own default)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainerConfig:
     mode: str = "cotrain"        # anchor | memory (anchor frozen) | cotrain | scratch
@@ -133,7 +137,8 @@ class TrainerConfig:
     val_every: int = 200         # steps between validation runs
     val_batches: int = 20
     ckpt_every: int = 200        # steps between checkpoints
-    compile: bool = False
+    compile: bool = False        # torch.compile the training step's forward + loss (and so its backward)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     eval_every: int = 0          # steps between in-training knowledge evals (hmlm.eval.callback); 0 = off
     eval_tasks: list[str] = field(default_factory=lambda: ["hmlm_atomic_number"])
     eval_memory: list[str] = field(default_factory=lambda: ["fetched", "none"])
@@ -334,6 +339,8 @@ def validate(r: Recipe, source: str) -> None:
     if r.anchor.name == "hf" and r.data.doc_mask:
         bad("data.doc_mask", "the hf anchor has no per-document attention mask; set data.doc_mask: false "
                              "(the paper trains post-hoc memories without it)")
+    if r.trainer.compile_mode not in COMPILE_MODES:
+        bad("trainer.compile_mode", f"got {r.trainer.compile_mode!r}, expected one of {', '.join(COMPILE_MODES)}")
     if r.trainer.batch_size < 1:
         bad("trainer.batch_size", f"must be >= 1, got {r.trainer.batch_size}")
     from .memories.placement import parse_placement  # local: placement is shared with the memories package

@@ -25,7 +25,7 @@ from ..index import ensure_index, read_index_meta
 from ..model import build_model
 from .datamodule import ShardDataModule
 from .module import HMLMModule
-from .progress import StepProgressBar, quiet_lightning_adverts
+from .progress import StepProgressBar, quiet_lightning_noise
 
 
 class FitError(RuntimeError):
@@ -95,7 +95,8 @@ def last_checkpoint(out_dir: Path) -> Path | None:
 
 
 def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
-        progress: bool = True, final_eval: bool = True) -> dict[str, Any]:
+        progress: bool = True, final_eval: bool = True, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train `recipe` (see the module docstring); `callbacks` are extra Lightning callbacks (e.g. a bench's timer)."""
     console = console or Console()
     t0 = time.perf_counter()
     out_dir = Path(recipe.out_dir)
@@ -134,7 +135,7 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
     ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step-{step:06d}", save_last=True,
                               every_n_train_steps=recipe.trainer.ckpt_every, save_top_k=-1,
                               auto_insert_metric_name=False)
-    callbacks: list[Any] = [ckpt_cb]
+    callbacks = [ckpt_cb, *(callbacks or [])]
     if recipe.trainer.eval_every > 0:
         from ..eval.callback import BucketEvalCallback
 
@@ -143,7 +144,7 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
                                             batch_size=recipe.trainer.batch_size))
     if progress:
         callbacks.append(StepProgressBar(leave=True))
-    quiet_lightning_adverts()
+    quiet_lightning_noise()
     # a resumed segment logs beside the first one (Lightning's CSV writer would otherwise overwrite metrics.csv)
     segment = "" if ckpt_path is None else f"resume-{_checkpoint_step(ckpt_path):06d}"
     loggers: list[Any] = [CSVLogger(out_dir, name="logs", version=segment)]
@@ -177,8 +178,6 @@ def fit(recipe: Recipe, *, resume: bool = False, console: Console | None = None,
         if trainer.world_size > 1 and n_val:
             # a rank holds only its own blocks, so it can't score other subtrees; the merged model is scored instead
             trainer.limit_val_batches = 0
-    if recipe.trainer.compile:
-        module.model.anchor = torch.compile(module.model.anchor)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     train_seconds = time.perf_counter() - t0
     result: dict[str, Any] = {"out_dir": str(out_dir), "steps": trainer.global_step,
