@@ -19,9 +19,12 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-# float32 log-probability elements per chunk: 2^26 = 256 MiB (e.g. 1,280 tokens of a 50k vocabulary, all 16k tokens
-# of a 4k one); chunks are whole multiples of 128 rows so the head's matmuls keep tensor-core friendly shapes
-CHUNK_ELEMENTS = 1 << 26
+# float32 log-probability elements per chunk. GPU: 2^26 = 256 MiB (1,280 tokens of a 50k vocabulary), big enough for
+# full-speed matmuls, small next to the [B·T, V] logits it replaces. CPU: 2^20 = 4 MiB (256 tokens of a 4k
+# vocabulary), which stays in cache and below glibc's mmap threshold: larger chunks were mapped and page-faulted
+# afresh every step (a third of the loss's CPU time on the quickstart). Chunks of more than 128 rows are whole
+# multiples of 128, so the head's matmuls keep tensor-core friendly shapes.
+CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 20}
 
 
 def token_weights(labels: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -41,8 +44,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _chunk_rows(n: int, vocab: int) -> int:
-    rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _chunk_rows(n: int, vocab: int, device: torch.device) -> int:
+    rows = max(1, (CHUNK_ELEMENTS.get(device.type) or CHUNK_ELEMENTS["cuda"]) // max(vocab, 1))
     if rows > 128:
         rows -= rows % 128
     return min(n, rows)
@@ -73,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            rows = _chunk_rows(hidden.shape[0], weight.shape[0])
+            rows = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
             for start in range(0, hidden.shape[0], rows):
                 stop = min(start + rows, hidden.shape[0])
                 h = hidden[start:stop].to(dtype)
@@ -113,7 +116,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return _LinearCrossEntropy.apply(hidden, weight, labels, weights)
     dtype = _compute_dtype(hidden)
     w = weight.to(dtype)
-    rows = _chunk_rows(hidden.shape[0], weight.shape[0])
+    rows = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         nll = _chunk_log_probs(hidden[start:start + rows].to(dtype), w, labels[start:start + rows])[1]

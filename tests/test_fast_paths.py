@@ -215,7 +215,7 @@ def test_document_positions_equal_the_mask_row_sums(doc_list: list[int]) -> None
 def test_linear_cross_entropy_matches_plain_cross_entropy(monkeypatch, chunk_rows: int) -> None:
     import hmlm.loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", chunk_rows * VOCAB)
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", {"cpu": chunk_rows * VOCAB})
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4, 25, 16, generator=g).requires_grad_()
     w = torch.randn(VOCAB, 16, generator=g).requires_grad_()

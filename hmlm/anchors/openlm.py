@@ -132,8 +132,8 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """
     B, T = doc_ids.shape
     idx = torch.arange(T, device=doc_ids.device).expand(B, T)
-    # padding tokens get a group of their own (rank 0): key T + i can't collide with a document's (doc id in [0, T))
-    group = torch.where(doc_ids >= 0, doc_ids, T + idx)
+    # padding tokens get a group of their own (rank 0), keyed above every document id
+    group = torch.where(doc_ids >= 0, doc_ids, doc_ids.max() + 1 + idx)
     order = torch.sort(group, dim=1, stable=True).indices
     sorted_group = group.gather(1, order)
     starts = torch.ones_like(sorted_group, dtype=torch.bool)
