@@ -186,3 +186,15 @@ def test_memory_mode_freezes_the_anchor_in_the_shared_step(tiny_recipe):
     for key, value in model.anchor.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert bank_opt.last_stats["blocks_updated"] > 0
+
+
+def test_fit_keeps_tree_paths_on_the_host(tiny_recipe):
+    """Lightning moves batches to the accelerator; the paths stay where the store reads them (no GPU round trip)."""
+    from hmlm.train.module import HMLMModule
+
+    recipe = tiny_recipe()
+    module = HMLMModule(recipe, build_model(recipe, VOCAB))
+    batch = _batches(recipe, 1)[0]
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["input_ids"].device.type == "meta" and moved["doc_ids"].device.type == "meta"
+    assert moved["path"] is batch["path"] and moved["path"].device.type == "cpu"

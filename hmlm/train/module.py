@@ -144,6 +144,15 @@ class HMLMModule(L.LightningModule):
             opts.append(BankOptimizer(self.model.store, self.recipe.optim.memory, sync=lambda: self.bank_sync))
         return opts
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Everything but the tree paths goes to the device: the store reads paths on the host (unique blocks,
+        bounds), and a path tensor moved to the GPU and back would make every step wait for the GPU."""
+        if isinstance(batch, dict) and "path" in batch:
+            rest = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "path"}, device,
+                                                    dataloader_idx)
+            return {**rest, "path": batch["path"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # ------------------------------------------------------------------ steps
     def _generic_mask(self, batch_size: int) -> torch.Tensor | None:
         rank, world = self._world()
