@@ -28,7 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="index the corpus if needed, then train (anchor and/or memory)")
     _recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.ckpt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue the run in out_dir: from CKPT (a file name in <out_dir>/checkpoints, or a path), or "
+                        "without CKPT from the newest checkpoint whose checksum verifies")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run over the one in out_dir (it is moved aside, and deleted only once the new "
+                        "run has written its first checkpoint)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checksum verification of the index, the checkpoint and anchor.init_from (for files "
+                        "written before hmlm recorded checksums; a corrupt file then fails late or trains silently)")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device, print parameter counts, exit")
 
@@ -55,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="task folder (default: evals/tasks)")
     p.add_argument("--max-gen-toks", type=int, default=32)
     p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity per leaf")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load model directories whose model.json has no checksums (files are not verified)")
+
+    p = sub.add_parser("inspect", help="a model's bank: per-level sizes, tiers, bytes and block usage (table + PNG)")
+    p.add_argument("dir", metavar="DIR", help="a model directory, or the run directory holding model/")
+    p.add_argument("--out", default=None, help="PNG of block usage by level (default: DIR/model/bank_usage.png)")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
 
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and --out; see docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -65,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b.add_argument("--compile", action="store_true", help="torch.compile the training step (trainer.compile)")
+    b.add_argument("--tiers", default="", help="tier plans of the tiered store to measure, ';'-separated: auto, one "
+                   "tier for all levels, or one per level (e.g. 'auto;host;device,device,host')")
+    b.add_argument("--branching", default="", help="bank-size sweep: branching factors k to measure at the same "
+                   "fetch size with the first --tiers plan (e.g. 2,4,8,16)")
     b = bench.add_parser("fit-overhead", help="tokens/s of `hmlm fit` (Lightning, data, logging, checkpoints) vs "
                                               "the bench's training step at the same shape")
     _recipe_args(b)
@@ -72,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b.add_argument("--compile", action="store_true", help="torch.compile the training step (trainer.compile)")
+    b = bench.add_parser("fetch", help="route + fetch latency of one memory per tier plan: cold, warm, cached")
+    _recipe_args(b)
+    b.add_argument("--tiers", default="device;host;host,host,disk",
+                   help="';'-separated tier plans (one tier for all levels, or one per level)")
+    b.add_argument("--prompts", type=int, default=50, help="prompts per phase")
+    b.add_argument("--cache-mb", type=float, default=None,
+                   help="device LRU of host/disk blocks for the cached phase (default: every level but the deepest)")
+    b.add_argument("--disk-dir", type=Path, default=Path("runs/bench-fetch"), help="where disk-tier files go")
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b = bench.add_parser("bank-io", help="bank start-up and export: init, export, load, checkpoint save/load per tier")
+    _recipe_args(b)
+    b.add_argument("--tiers", default="auto", help="';'-separated tier plans (one tier for all levels, or one per level)")
+    b.add_argument("--work-dir", type=Path, default=Path("runs/bench-bank-io"), help="scratch folder (removed after)")
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b = bench.add_parser("scaling", help="data-parallel throughput on 1..N devices: subtree-affine vs DDP of the bank")
     _recipe_args(b)
     b.add_argument("--devices", default="1,2", help="world sizes to measure, e.g. 1,2,4,8")
@@ -91,12 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from .config import load_recipe
 
+    resume = getattr(args, "resume", False)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # `--resume trainer.max_steps=90`: argparse took the first override as the checkpoint name
+        args.overrides.insert(0, resume)
+        args.resume = True
     return load_recipe(args.recipe, args.overrides)
 
 
-def dry_run(recipe) -> None:
+def dry_run(recipe, source: str) -> None:
     from .model import size_report
+    from .train.preflight import check_model
 
+    check_model(recipe, source)  # an unknown preset or a bad shape: one message, not a traceback
     vocab = _vocab_for(recipe)
     rep = size_report(recipe, vocab)
     print(f"vocab size: {vocab}")
@@ -104,28 +144,29 @@ def dry_run(recipe) -> None:
     print(f"fetched memory parameters per sequence: {rep['fetched_params_per_sequence']}")
     print(f"bank parameters: {rep['bank_params']}")
     print(f"generic memory parameters: {rep['generic_params']}")
-    tiers: dict[str, int] = {}
+    tiers: dict[str, list[int]] = {}
     for lvl in rep["bank_levels"]:
         print(f"bank level {lvl['level']}: r={lvl['r']} nodes={lvl['nodes']} parameters={lvl['params']} "
-              f"bytes={lvl['bytes']} tier={lvl['tier']}")
-        tiers[lvl["tier"]] = tiers.get(lvl["tier"], 0) + lvl["bytes"]
-    for tier, nbytes in tiers.items():
+              f"bytes={lvl['bytes']} optimizer_state_bytes={lvl['state_bytes']} tier={lvl['tier']} "
+              f"touched_per_step={lvl['touched_per_step']:.4g}")
+        t = tiers.setdefault(lvl["tier"], [0, 0])
+        t[0] += lvl["bytes"]
+        t[1] += lvl["state_bytes"]
+    for tier, (nbytes, state) in tiers.items():
         print(f"bank bytes ({tier}): {nbytes}")
+        print(f"optimizer state bytes ({tier}): {state}")
+    if rep.get("disk_bytes_needed", 0) > rep.get("disk_bytes_free", 0):
+        print(f"warning: the disk tier needs {rep['disk_bytes_needed']} bytes, {rep['disk_bytes_free']} are free under "
+              "memory.disk_dir: training would stop with this plan")
+    if rep["bank_levels"]:
+        print(f"tier plan: memory.tiers={recipe.memory.tiers} store={recipe.memory.store} "
+              f"optim_state={recipe.memory.optim_state} (on this machine; docs/design.md §8)")
 
 
 def _vocab_for(recipe) -> int:
-    from .data.tokenizer import padded_vocab_size
+    from .index import vocab_size_for
 
-    if recipe.anchor.vocab_size:
-        return recipe.anchor.vocab_size
-    meta = Path(recipe.index.dir) / "index.json"
-    if meta.is_file():
-        import json
-
-        return padded_vocab_size(json.loads(meta.read_text())["tokenizer"]["vocab_size"])
-    if recipe.data.tokenizer.kind == "gpt2":
-        return padded_vocab_size(50258)  # GPT-2's 50,257 + our pad token
-    return padded_vocab_size(recipe.data.tokenizer.vocab_size)
+    return vocab_size_for(recipe)
 
 
 def _bench(args, recipe) -> int:
@@ -168,18 +209,50 @@ def _bench(args, recipe) -> int:
             table.add_row(*(str(r[c]) for c in ("config", "step_ms", "tokens_per_s", "ratio_vs_bench")))
         console.print(table)
         return 0
+    if args.bench == "bank-io":
+        from .bench.bank_io import run_bank_io
+
+        rows = run_bank_io(recipe, vocab_size=_vocab_for(recipe), tiers=[t for t in args.tiers.split(";") if t],
+                           workdir=args.work_dir, out=args.out)
+        table = Table(title=f"bank I/O, {rows[0]['device']}, {rows[0]['bank_params']:,} parameters, seconds (GB/s)")
+        cols = ("init", "export", "load", "checkpoint_save", "checkpoint_load")
+        table.add_column("tiers")
+        for col in cols:
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["tiers"], *(f"{r[c + '_s']} ({r[c + '_gb_per_s']})" for c in cols))
+        console.print(table)
+        return 0
+    if args.bench == "fetch":
+        from .bench.fetch import run_fetch_bench
+
+        rows = run_fetch_bench(recipe, vocab_size=_vocab_for(recipe), tiers=[t for t in args.tiers.split(";") if t],
+                               prompts=args.prompts, cache_mb=args.cache_mb, disk_dir=args.disk_dir, out=args.out)
+        table = Table(title=f"route + fetch of one memory ({rows[0]['fetched_params']:,} parameters), "
+                            f"{rows[0]['device']}, ms")
+        for col in ("tiers", "phase", "route p50", "fetch p50", "fetch p90", "total p50", "direct I/O"):
+            table.add_column(col, justify="left" if col in ("tiers", "phase") else "right")
+        for r in rows:
+            table.add_row(r["tiers"], r["phase"], str(r["route_ms"]["p50"]), str(r["fetch_ms"]["p50"]),
+                          str(r["fetch_ms"]["p90"]), str(r["total_ms"]["p50"]), str(r["direct_io"]))
+        console.print(table)
+        return 0
 
     from .bench.train_step import run_bench
 
     rows = run_bench(recipe, vocab_size=_vocab_for(recipe), stores=[s for s in args.stores.split(",") if s],
-                     steps=args.steps, warmup=args.warmup, out=args.out, compile=args.compile)
+                     steps=args.steps, warmup=args.warmup, out=args.out, compile=args.compile,
+                     tiers=[t for t in args.tiers.split(";") if t],
+                     branchings=[int(k) for k in args.branching.split(",") if k])
     table = Table(title=f"training step, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
-    for col in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib"):
+    cols = ("config", "bank_params", "step_ms", "tokens_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib")
+    for col in cols:
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
-        table.add_row(*(str(r.get(c, r.get("error", "-") if c == "step_ms" else "-"))
-                        for c in ("config", "step_ms", "tokens_per_s", "tflops_per_s", "mfu", "ratio_vs_anchor",
-                                  "peak_mem_gib")))
+        if r.get("error"):  # e.g. a tier plan that does not fit: the row says so and the others still ran
+            table.add_row(r["config"], "", r["error"].split(":")[0], *[""] * (len(cols) - 3))
+        else:
+            table.add_row(*(str(r.get(c)) for c in cols))
     console.print(table)
     return 0
 
@@ -187,7 +260,14 @@ def _bench(args, recipe) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after a flag (`fit --recipe R --overwrite trainer.max_steps=5`): argparse leaves them over
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides.extend(extra)
     from .user_errors import USER_ERRORS
 
     try:
@@ -196,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
 
             broken = print_plugins(console)
             return 1 if broken else 0
+        if args.command == "inspect":
+            from .inspect import inspect_from_args
+
+            inspect_from_args(args, console)
+            return 0
         if args.command == "eval":
             from .eval.report import eval_from_args
 
@@ -211,16 +296,19 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args, recipe)
         if args.command == "index":
             from .index import ensure_index
+            from .train.paths import check_paths
 
-            ensure_index(recipe, console, rebuild=args.rebuild)
+            check_paths(recipe, args.recipe)
+            ensure_index(recipe, console, rebuild=args.rebuild, verify=True)
             return 0
         if args.command == "fit":
             if args.dry_run:
-                dry_run(recipe)
+                dry_run(recipe, args.recipe)
                 return 0
             from .train.fit import fit
 
-            fit(recipe, resume=args.resume, console=console)
+            fit(recipe, resume=args.resume, overwrite=args.overwrite, verify=not args.no_verify, source=args.recipe,
+                console=console)
             return 0
     except USER_ERRORS as exc:
         from rich.markup import escape

@@ -93,13 +93,26 @@ class MemoryConfig:
     placement: str = "all"       # all | first:N | middle:N | last:N | layers:i,j,k
     generic: bool = True         # train a context-free generic block of the fetched size (control)
     generic_prob: Optional[float] = None   # per-sequence probability of using generic memory; None = 1/(k+1) in cotrain, 0 otherwise
-    store: str = "device"        # bank store plugin: device | host
+    store: str = "tiered"        # bank store plugin: tiered (per-level tiers below) | device | host (every level on
+                                 # that tier; shorthands kept for older recipes) | a third-party store
     dtype: str = "float32"       # storage dtype of the bank: float32 | bfloat16
+    # where each level lives (store=tiered): `auto` (planned from the memory budgets and each level's size and reuse),
+    # one tier for every level (device | host | disk), or a list with one tier per entry of `sizes`. The generic block
+    # always stays on the device. See docs/design.md §8.
+    tiers: Any = "auto"
+    optim_state: str = "fp32"    # the bank's AdamW moments: fp32 | bf16 (both moments in bfloat16) | factored (bf16 first
+                                 # moment, Adafactor-style row x column second moment)
+    device_budget_gb: Optional[float] = None  # accelerator memory the bank may use (None = measured free memory minus
+                                              # an estimate of the anchor's training footprint)
+    host_budget_gb: Optional[float] = None    # host RAM the bank may use (None = 80% of MemAvailable)
+    disk_dir: str = "${out_dir}/bank"         # the disk tier's level files and their copy-on-write undo logs
+    io_threads: int = 8          # threads of the disk tier's block I/O and of bank initialisation/export
+    cache_mb: float = 0.0        # inference: an LRU of fetched host/disk blocks kept on the device (0 = off)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3             # peak
+    lr: float = 1e-3             # peak (>= 0; 0 holds the group's weights exactly)
     min_lr: float = 1e-4         # cosine floor
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -125,6 +138,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 @dataclass
+class NonFiniteConfig:
+    skip: int = 0                # batches with a non-finite loss/gradient to skip (no update) before stopping; 0 = stop
+                                 # at the first one. skip > 0 checks every step (one host sync per step); skip = 0
+                                 # checks every log_every steps and before every checkpoint and the export
+
+
+@dataclass
 class TrainerConfig:
     mode: str = "cotrain"        # anchor | memory (anchor frozen) | cotrain | scratch
     max_steps: int = 1000
@@ -135,8 +155,10 @@ class TrainerConfig:
     precision: str = "auto"      # auto = bf16-mixed on CUDA, 32-true on CPU
     log_every: int = 10
     val_every: int = 200         # steps between validation runs
-    val_batches: int = 20
+    val_batches: int = 20        # batches per validation run; 0 = no validation during training
     ckpt_every: int = 200        # steps between checkpoints
+    keep_last: int = 3           # step-*.ckpt files kept (the newest), besides last.ckpt; bounds the disk a run uses
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     compile: bool = False        # torch.compile the training step's forward + loss (and so its backward)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     eval_every: int = 0          # steps between in-training knowledge evals (hmlm.eval.callback); 0 = off
@@ -164,6 +186,13 @@ class Recipe:
 
 
 MODES = ("anchor", "memory", "cotrain", "scratch")
+# what Lightning's Trainer accepts (lightning.fabric.plugins.precision.precision._PRECISION_INPUT*), plus our "auto"
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "xla")
+# recipe key -> plugin group whose registered names it may take (checked against the installed entry points)
+PLUGIN_KEYS = {"anchor.name": "anchors", "memory.type": "memories", "memory.store": "stores",
+               "index.router.name": "routers", "index.embedder.name": "embedders"}
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
@@ -325,6 +354,25 @@ def validate(r: Recipe, source: str) -> None:
         bad("data.tokenizer.path", "kind=file needs the path of a tokenizer.json (or of a folder holding one)")
     if r.memory.dtype not in ("float32", "bfloat16"):
         bad("memory.dtype", f"got {r.memory.dtype!r}, expected float32 or bfloat16")
+    from .bank.tiers import TierError, normalize_tiers  # local: the bank package imports torch
+
+    try:
+        normalize_tiers(r.memory.tiers, list(r.memory.sizes))
+    except TierError as exc:
+        bad("memory.tiers", str(exc))
+    if r.memory.store in ("device", "host") and r.memory.tiers not in ("auto", r.memory.store, [r.memory.store]):
+        bad("memory.tiers", f"memory.store={r.memory.store} puts every level on the {r.memory.store} tier; to choose "
+                            "tiers per level use memory.store=tiered")
+    if r.memory.optim_state not in ("fp32", "bf16", "factored"):
+        bad("memory.optim_state", f"got {r.memory.optim_state!r}, expected fp32, bf16 or factored")
+    for key in ("device_budget_gb", "host_budget_gb"):
+        value = getattr(r.memory, key)
+        if value is not None and value < 0:
+            bad(f"memory.{key}", f"must be >= 0 (or null = measured), got {value}")
+    if r.memory.io_threads < 1:
+        bad("memory.io_threads", f"must be >= 1, got {r.memory.io_threads}")
+    if r.memory.cache_mb < 0:
+        bad("memory.cache_mb", f"must be >= 0 (0 = off), got {r.memory.cache_mb}")
     if r.memory.generic_prob is not None and not 0.0 <= r.memory.generic_prob <= 1.0:
         bad("memory.generic_prob", f"must be in [0, 1], got {r.memory.generic_prob}")
     if r.trainer.data_parallel not in ("replicated", "subtree"):
@@ -343,9 +391,82 @@ def validate(r: Recipe, source: str) -> None:
         bad("trainer.compile_mode", f"got {r.trainer.compile_mode!r}, expected one of {', '.join(COMPILE_MODES)}")
     if r.trainer.batch_size < 1:
         bad("trainer.batch_size", f"must be >= 1, got {r.trainer.batch_size}")
+    _validate_budget_and_io(r, bad)
+    for group_name, cfg in (("optim.anchor", r.optim.anchor), ("optim.memory", r.optim.memory)):
+        _validate_optim(group_name, cfg, bad)
+    _validate_plugins(r, bad)
     from .memories.placement import parse_placement  # local: placement is shared with the memories package
 
     try:
         parse_placement(r.memory.placement, n_layers=None)
     except ValueError as exc:
         bad("memory.placement", str(exc))
+
+
+def _validate_budget_and_io(r: Recipe, bad) -> None:
+    """The step budget, checkpoint/validation cadence and device keys: a bad value here used to run for ever, train
+    nothing over a good model, or fail with a traceback after the previous run was already gone."""
+    t = r.trainer
+    if t.max_steps < 1:
+        bad("trainer.max_steps", f"must be >= 1 (the number of optimizer steps to train), got {t.max_steps}")
+    for key in ("ckpt_every", "val_every", "log_every"):
+        if getattr(t, key) < 1:
+            bad(f"trainer.{key}", f"must be >= 1 (steps), got {getattr(t, key)}")
+    if t.val_batches < 0:
+        bad("trainer.val_batches", f"must be >= 0 (0 = no validation during training), got {t.val_batches}")
+    if t.keep_last < 0:
+        bad("trainer.keep_last", f"must be >= 0 (step checkpoints kept besides last.ckpt), got {t.keep_last}")
+    if t.nonfinite.skip < 0:
+        bad("trainer.nonfinite.skip", f"must be >= 0 (0 = stop at the first non-finite loss), got {t.nonfinite.skip}")
+    if t.eval_limit is not None and t.eval_limit < 1:
+        bad("trainer.eval_limit", f"must be >= 1 or null (all items), got {t.eval_limit}")
+    if str(t.precision) not in PRECISIONS:
+        bad("trainer.precision", f"got {t.precision!r}, expected one of {', '.join(PRECISIONS)}")
+    if str(t.accelerator) not in ACCELERATORS:
+        bad("trainer.accelerator", f"got {t.accelerator!r}, expected one of {', '.join(ACCELERATORS)}")
+    devices = t.devices
+    ok = (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)) \
+        or devices == "auto" or (isinstance(devices, str) and devices.replace(",", "").replace(" ", "").isdigit()) \
+        or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))
+    if not ok:
+        bad("trainer.devices", f"got {devices!r}, expected a count >= 1, -1 (all), 'auto', or a list of device ids")
+    if r.data.max_docs is not None and r.data.max_docs < 1:
+        bad("data.max_docs", f"must be >= 1 or null (all documents), got {r.data.max_docs}")
+    if r.data.num_workers < 0:
+        bad("data.num_workers", f"must be >= 0, got {r.data.num_workers}")
+    if not r.out_dir.strip():
+        bad("out_dir", "is empty; give the run directory (default runs/<name>)")
+    if not r.index.dir.strip():
+        bad("index.dir", "is empty; give the index directory (default <out_dir>/index)")
+
+
+def _validate_optim(prefix: str, o: OptimConfig, bad) -> None:
+    if not o.lr >= 0:  # 0 is allowed: it holds the group's weights exactly (AdamW's decay is lr * weight_decay)
+        bad(f"{prefix}.lr", f"must be >= 0 (0 = this group does not move), got {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        bad(f"{prefix}.min_lr", f"must be in [0, {prefix}.lr={o.lr}], got {o.min_lr}")
+    if o.warmup_steps < 0:
+        bad(f"{prefix}.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if not o.weight_decay >= 0:
+        bad(f"{prefix}.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            bad(f"{prefix}.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+    if not o.eps > 0:
+        bad(f"{prefix}.eps", f"must be > 0, got {o.eps}")
+    if not o.grad_clip >= 0:
+        bad(f"{prefix}.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}")
+
+
+def _validate_plugins(r: Recipe, bad) -> None:
+    """Every plugin name against the installed entry points (metadata only: nothing is imported here)."""
+    from . import registry  # local: the registry reads distribution metadata, which a plain load_recipe may skip
+
+    for key, group in PLUGIN_KEYS.items():
+        node: Any = r
+        for part in key.split("."):
+            node = getattr(node, part)
+        known = registry.names(group)
+        if node not in known:
+            bad(key, f"unknown {group} plugin {node!r}; installed: {', '.join(known) or '(none)'} "
+                     "(`hmlm plugins` lists them with their packages)")

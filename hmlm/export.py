@@ -2,7 +2,10 @@
 
     model.json            recipe, vocabulary size, anchor shape, bank layout, embedder identity, versions, sha256s
     anchor.safetensors    anchor weights (tied weights stored once)
-    bank/<key>.safetensors one block-addressable file per level (`l0`, `l1`, ...) and `generic`
+    bank/<key>.safetensors one file per level (`l0`, `l1`, ...) and `generic`: `blocks` [nodes, P] (one row per block,
+                          data 4 KiB-aligned so the disk tier reads rows in place), `checksum` [nodes] (per block,
+                          computed while writing and verified while reading, instead of re-hashing a 9 GB file),
+                          `steps` [nodes] (training updates per block)
     tree.safetensors      the router's tree (copied from the index)
     tokenizer/            the tokenizer (copied from the index)
 """
@@ -21,9 +24,10 @@ from safetensors.torch import load_model, save_model
 from .config import Recipe, recipe_from_dict, to_dict
 from .data.tokenizer import Tokenizer
 from .model import MemoryLM, build_anchor, build_layout, build_store
-from .utils import atomic_dir, read_json_artifact, sha256_file, versions, write_json
+from .utils import atomic_dir, read_json_artifact, sha256_file, verify_checksums, versions, write_json
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: bank files with one tensor per name (w1, w2, ...) and sha256s
 
 
 class ModelDirError(RuntimeError):
@@ -36,8 +40,7 @@ def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, 
     with atomic_dir(out) as tmp:
         save_model(model.anchor, str(tmp / "anchor.safetensors"), metadata={"format": str(MODEL_FORMAT)})
         sums = {"anchor.safetensors": sha256_file(tmp / "anchor.safetensors")}
-        if model.store is not None:
-            sums.update({f"bank/{k}": v for k, v in model.store.save(tmp / "bank").items()})
+        bank_files = model.store.save(tmp / "bank") if model.store is not None else {}
         shutil.copy2(index_dir / "tree.safetensors", tmp / "tree.safetensors")
         shutil.copytree(index_dir / "tokenizer", tmp / "tokenizer")
         sums["tree.safetensors"] = sha256_file(tmp / "tree.safetensors")
@@ -53,18 +56,49 @@ def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, 
             "memory": None if layout is None else {"type": recipe.memory.type, "sizes": list(layout.sizes),
                                                    "branching": layout.branching, "layers": list(layout.layers),
                                                    "generic": model.store.has_generic,
-                                                   "store": recipe.memory.store},
+                                                   "store": recipe.memory.store,
+                                                   "tiers": {k: model.store.tier_of(k) for k in model.store.keys()}},
             "embedder": index_meta["embedder"],
             "router": index_meta["router"],
             "index": {"dir": str(index_dir), "fingerprint": index_meta["fingerprint"],
                       "counts": index_meta["counts"], "corpus": index_meta["corpus"]},
             "versions": versions(),
             "checksums": sums,
+            # bank files are verified block by block while they are read (a file-level sha256 of a multi-GB level
+            # would cost minutes per load); this ties each file's checksum table to this export
+            "bank_files": bank_files,
         }
         if extra:
             meta.update(extra)
         write_json(tmp / "model.json", meta)
     return out
+
+
+def verify_model_files(path: Path, meta: dict[str, Any], *, only: Sequence[str] | None = None,
+                       progress: bool = False) -> None:
+    """Check the model files against model.json's `checksums` (all of them, or the ones named in `only`).
+
+    A model.json without `checksums`, or one that leaves a weight file out of them, is refused: deleting the key
+    must not silently turn verification off. Loading such a model anyway takes an explicit verify=False
+    (`hmlm eval --no-verify`, `hmlm fit --no-verify` for anchor.init_from).
+    """
+    meta_path = path / "model.json"
+    sums = meta.get("checksums")
+    skip_hint = "or load it without verification: verify=False in the API, --no-verify on the command line"
+    if not isinstance(sums, dict) or not sums:
+        raise ModelDirError(f"{meta_path}: key `checksums` is missing, so the model files cannot be verified; "
+                            f"re-export the model (hmlm fit writes it), {skip_hint}")
+    weights = ([path / "anchor.safetensors", path / "tree.safetensors"] + sorted((path / "bank").glob("*"))
+               + sorted((path / "tokenizer").glob("*")))
+    bank_files = meta.get("bank_files") or {}
+    uncovered = [f for f in weights if f.is_file() and f.relative_to(path).as_posix() not in sums
+                 and not (f.parent.name == "bank" and f.name in bank_files)]
+    if uncovered:
+        raise ModelDirError(f"{uncovered[0]}: not covered by key `checksums` of {meta_path}, so it cannot be "
+                            f"verified; re-export the model, {skip_hint}")
+    if only is not None:
+        sums = {rel: sums[rel] for rel in only if rel in sums}
+    verify_checksums(path, sums, ModelDirError, listed_in=meta_path, fix="re-export the model", progress=progress)
 
 
 @dataclass
@@ -103,33 +137,48 @@ class LoadedModel:
         return torch.from_numpy(self.router.route(emb, blocked=blocked).astype(np.int64))
 
 
-def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
+def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True,
+                   model: MemoryLM | None = None) -> LoadedModel:
+    """Load a model directory for inference. Bank levels are placed on tiers planned for inference (memory.tiers of
+    the recipe; `auto` plans without optimizer state); disk-tier levels are read in place from `bank/`.
+
+    `model` reuses a model already in memory (the one `hmlm fit` just exported): only the router, tokenizer and
+    metadata are read, nothing is re-loaded or re-hashed.
+    """
     path = Path(path)
     meta_path = path / "model.json"
     meta = read_json_artifact(meta_path, ModelDirError,
                               missing="not a model directory (no model.json); `hmlm fit` writes one to <out_dir>/model")
-    if meta.get("format") != MODEL_FORMAT:
-        raise ModelDirError(f"{meta_path}: model format {meta.get('format')!r}, this hmlm reads {MODEL_FORMAT}")
-    if verify:
-        for rel, expected in meta.get("checksums", {}).items():
-            f = path / rel
-            if not f.is_file():
-                raise ModelDirError(f"{f}: missing file listed in model.json")
-            if sha256_file(f) != expected:
-                raise ModelDirError(f"{f}: checksum mismatch (corrupt or modified file); re-export the model")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ModelDirError(f"{meta_path}: model format {meta.get('format')!r}, this hmlm reads "
+                            f"{', '.join(map(str, READABLE_FORMATS))}")
+    if verify and model is None:
+        verify_model_files(path, meta)
     recipe = recipe_from_dict(meta["recipe"], source=str(meta_path))
+    if model is None:
+        model = _load_weights(path, meta, recipe, device)
+    from .index import load_router
+
+    router = load_router(meta["router"]["name"], path / "tree.safetensors")
+    loaded = LoadedModel(path, meta, recipe, model, Tokenizer.load(path / "tokenizer"), router)
+    return loaded.to(device)
+
+
+def _load_weights(path: Path, meta: dict, recipe: Recipe, device: str | torch.device) -> MemoryLM:
+    from .bank.levelfile import BankFileError
+
     anchor = build_anchor(recipe, meta["vocab_size"])
     try:
         load_model(anchor, str(path / "anchor.safetensors"))
     except Exception as exc:  # safetensors raises plain errors on truncated/mismatched files
         raise ModelDirError(f"{path / 'anchor.safetensors'}: cannot load anchor weights ({exc})") from None
     layout = build_layout(recipe, anchor)
-    store = build_store(recipe, layout, init=False)
+    store = build_store(recipe, layout, init=False, anchor=anchor, training=False)
     if store is not None:
-        store.load(path / "bank")
-    model = MemoryLM(anchor, layout, store).eval()
-    from .index import load_router
-
-    router = load_router(meta["router"]["name"], path / "tree.safetensors")
-    loaded = LoadedModel(path, meta, recipe, model, Tokenizer.load(path / "tokenizer"), router)
-    return loaded.to(device)
+        if hasattr(store, "to_compute"):
+            store.to_compute(device)   # levels are created where they will live, then filled
+        try:
+            store.load(path / "bank", **({"digests": meta.get("bank_files")} if meta.get("bank_files") else {}))
+        except (BankFileError, ValueError) as exc:
+            raise ModelDirError(str(exc)) from None
+    return MemoryLM(anchor, layout, store).eval()

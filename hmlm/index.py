@@ -11,12 +11,14 @@ The index directory is written atomically (built in a temp dir, renamed at the e
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from rich.console import Console
@@ -27,7 +29,8 @@ from .config import Recipe
 from .data.corpus import read_corpus
 from .data.packing import pack_by_leaf, write_shards
 from .data.tokenizer import Tokenizer, build_tokenizer
-from .utils import atomic_dir, read_json_artifact, sha256_file, versions, write_json
+from .utils import (FileLock, atomic_dir, read_json_artifact, recover_atomic_dir, sha256_file, verify_checksums, versions,
+                    write_json)
 
 INDEX_FORMAT = 1
 
@@ -79,20 +82,61 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return is_val
 
 
-def ensure_index(recipe: Recipe, console: Console | None = None, *, rebuild: bool = False) -> Path:
+def ensure_index(recipe: Recipe, console: Console | None = None, *, rebuild: bool = False, verify: bool = False,
+                 progress: bool = True) -> Path:
     """Return the recipe's index dir, building it when it does not exist (or when `rebuild`)."""
-    out = Path(recipe.index.dir)
-    if out.exists() and not rebuild:
-        check_index(out, recipe)
+    with use_index(recipe, console, rebuild=rebuild, verify=verify, progress=progress) as out:
         return out
-    return build_index(recipe, console or Console())
+
+
+@contextlib.contextmanager
+def use_index(recipe: Recipe, console: Console | None = None, *, rebuild: bool = False, verify: bool = True,
+              progress: bool = True) -> Iterator[Path]:
+    """Hold the recipe's index for reading (building it first if needed) for the duration of the block.
+
+    An advisory lock beside the index (`.<name>.lock`) is held shared while the index is read and exclusively while
+    it is built or repaired, so two fits sharing an index dir never build it twice or read a half-replaced one, and
+    `hmlm index --rebuild` refuses while a fit trains on it. With `verify`, every file's sha256 is checked against
+    index.json before the block runs (once per fit, not per read).
+    """
+    console = console or Console()
+    out = Path(recipe.index.dir)
+    lock = FileLock(out.with_name(f".{out.name}.lock"))
+    try:
+        _acquire_index(lock, out, recipe, console, rebuild)
+        meta = check_index(out, recipe)
+        if verify:
+            verify_index(out, meta, progress=progress)
+        yield out
+    finally:
+        lock.release()
+
+
+def _acquire_index(lock: FileLock, out: Path, recipe: Recipe, console: Console, rebuild: bool) -> None:
+    waited = False
+    while True:
+        if lock.acquire(shared=False):  # nobody else reads or writes this index: repair, build, then share it
+            for note in recover_atomic_dir(out):
+                console.print(f"[yellow]index[/] {note}")
+            if rebuild or not out.exists():
+                build_index(recipe, console)
+            lock.acquire(shared=True)
+            return
+        if rebuild:
+            raise IndexError_(f"{out}: in use by another hmlm process (a running fit or index build); run "
+                              "`hmlm index --rebuild` once it has finished, or set index.dir to another path")
+        if out.exists() and lock.acquire(shared=True):
+            return
+        if not waited:
+            console.print(f"[yellow]index[/] waiting for another hmlm process that is writing {out}")
+            waited = True
+        time.sleep(0.5)
 
 
 def check_index(path: Path, recipe: Recipe) -> dict[str, Any]:
-    meta = read_json_artifact(path / "index.json", IndexError_,
-                              missing="exists but has no index.json (a corrupt or foreign directory); delete it or "
-                                      "set index.dir to another path",
-                              corrupt_hint="; delete the index directory to rebuild it")
+    if path.exists() and not path.is_dir():
+        raise IndexError_(f"{path}: key `index.dir` names a file, not a directory; set index.dir to a directory")
+    meta = read_index_meta(path)
     if meta.get("fingerprint") != fingerprint(recipe):
         raise IndexError_(f"{path}: this index was built with other data/index settings than the recipe "
                           f"(fingerprint {meta.get('fingerprint')} != {fingerprint(recipe)}); run "
@@ -101,7 +145,35 @@ def check_index(path: Path, recipe: Recipe) -> dict[str, Any]:
 
 
 def read_index_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "index.json").read_text(encoding="utf-8"))
+    meta = read_json_artifact(Path(path) / "index.json", IndexError_,
+                              missing="exists but has no index.json (a corrupt or foreign directory); delete it or "
+                                      "set index.dir to another path",
+                              corrupt_hint="; delete the index directory to rebuild it")
+    if not isinstance(meta, dict):
+        raise IndexError_(f"{Path(path) / 'index.json'}: not an index description (a JSON object); delete the index "
+                          "directory to rebuild it")
+    return meta
+
+
+def verify_index(path: Path, meta: dict[str, Any], *, progress: bool = True) -> None:
+    """Every file the index lists matches its recorded sha256, and no unlisted shard would be read."""
+    path = Path(path)
+    meta_path = path / "index.json"
+    fix = f"rebuild the index (`hmlm index --recipe ... --rebuild`, or delete {path})"
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict) or not sums:
+        raise IndexError_(f"{meta_path}: key `checksums` is missing, so the index cannot be verified; {fix}, or "
+                          "train without verifying (`hmlm fit --no-verify`)")
+    shards = meta.get("shards") if isinstance(meta.get("shards"), dict) else {}
+    listed = {f"shards/{f}" for split in ("train", "val") for f in shards.get(split, [])}
+    shard_dir = path / "shards"
+    on_disk = {f"shards/{p.name}" for p in shard_dir.glob("*.safetensors")
+               if re.fullmatch(r"(train|val)-\d{5}\.safetensors", p.name)} if shard_dir.is_dir() else set()
+    unlisted = sorted((on_disk - listed) | (listed - set(sums)))
+    if unlisted:
+        raise IndexError_(f"{path / unlisted[0]}: shard not covered by the `checksums` of {meta_path} (training would "
+                          f"read it unverified); {fix}")
+    verify_checksums(path, sums, IndexError_, listed_in=meta_path, fix=fix, progress=progress)
 
 
 def build_index(recipe: Recipe, console: Console) -> Path:
@@ -112,6 +184,10 @@ def build_index(recipe: Recipe, console: Console) -> Path:
     docs = read_corpus(src, max_docs=recipe.data.max_docs)
     texts = [d.text for d in docs]
     is_val = split_documents(len(docs), recipe.data.val_fraction, recipe.seed)
+    if recipe.data.val_fraction > 0 and not is_val.any():
+        raise IndexError_(f"{src}: key `data.val_fraction` ({recipe.data.val_fraction}) holds out no document of this "
+                          f"{len(docs)}-document corpus, so there would be no validation split; set "
+                          "data.val_fraction=0 to train without validation, or use a corpus of at least 2 documents")
     train_idx = np.flatnonzero(~is_val)
     console.print(f"[bold]index[/] {len(docs):,} documents ({int(is_val.sum()):,} held out for validation)")
 
@@ -199,6 +275,20 @@ def _node_stats(paths: np.ndarray, n_tokens: np.ndarray, k: int) -> dict[str, np
         stats[f"level{lvl + 1}_docs"] = np.bincount(paths[:, lvl], minlength=nodes).astype(np.int64)
         stats[f"level{lvl + 1}_tokens"] = np.bincount(paths[:, lvl], weights=n_tokens, minlength=nodes).astype(np.int64)
     return stats
+
+
+def vocab_size_for(recipe: Recipe) -> int:
+    """The anchor's vocabulary: anchor.vocab_size, else the built index's tokenizer, else what the tokenizer settings
+    will give (padded to a multiple of 64)."""
+    from .data.tokenizer import padded_vocab_size
+
+    if recipe.anchor.vocab_size:
+        return recipe.anchor.vocab_size
+    if (Path(recipe.index.dir) / "index.json").is_file():
+        return padded_vocab_size(read_index_meta(Path(recipe.index.dir))["tokenizer"]["vocab_size"])
+    if recipe.data.tokenizer.kind == "gpt2":
+        return padded_vocab_size(50258)  # GPT-2's 50,257 + our pad token
+    return padded_vocab_size(recipe.data.tokenizer.vocab_size)
 
 
 def load_tokenizer(index_dir: Path) -> Tokenizer:

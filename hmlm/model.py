@@ -75,19 +75,77 @@ def build_layout(recipe: Recipe, anchor: nn.Module) -> BankLayout | None:
                       layers=tuple(layers))
 
 
-def build_store(recipe: Recipe, layout: BankLayout | None, *, init: bool = True) -> BlockStore | None:
+def plan_tiers(recipe: Recipe, layout: BankLayout, anchor: nn.Module | None = None, *,
+               training: bool = True, check: bool = True) -> list:
+    """Each bank level's tier and bytes (hmlm.bank.tiers) for this recipe on this machine."""
+    from .bank.tiers import (GiB, LevelPlan, anchor_training_bytes, disk_free, host_memory_available, normalize_tiers,
+                             plan_levels, state_bytes_per_param, check_disk)
+
+    mem = recipe.memory
+    elt = 2 if mem.dtype == "bfloat16" else 4
+    per_state = state_bytes_per_param(mem.optim_state) if training else 0.0
+    p_generic = mem.generic_prob if mem.generic_prob is not None else 1.0 / (recipe.index.router.branching + 1)
+    batch = max(1.0, recipe.trainer.batch_size * (1 - (p_generic if mem.generic else 0.0)))
+    levels = []
+    for lvl, r in enumerate(layout.sizes):
+        if r == 0:
+            continue
+        params = layout.level_params(lvl)
+        levels.append(LevelPlan(f"l{lvl}", lvl + 1, layout.nodes(lvl), params, params * elt, int(params * per_state),
+                                min(1.0, batch / layout.nodes(lvl))))
+    forced = normalize_tiers(mem.store if mem.store in ("device", "host") else mem.tiers, list(mem.sizes))
+    if forced is not None:  # layout.sizes pads memory.sizes with empty levels to the tree's depth
+        forced = forced + ["device"] * (len(layout.sizes) - len(forced))
+    forced_active = None if forced is None else [forced[lp.level - 1] for lp in levels]
+    cuda = torch.cuda.is_available() and recipe.trainer.accelerator in ("auto", "gpu", "cuda")
+    host = int(mem.host_budget_gb * GiB) if mem.host_budget_gb is not None else int(0.8 * host_memory_available())
+    if mem.device_budget_gb is not None:
+        device = int(mem.device_budget_gb * GiB)
+    elif cuda:
+        free = torch.cuda.mem_get_info()[0]
+        anchor_params = sum(p.numel() for p in anchor.parameters()) if anchor is not None else 0
+        vocab = getattr(getattr(anchor, "config", None), "vocab_size", 0) or 0
+        need = anchor_training_bytes(anchor_params, layout.shape, vocab, recipe.trainer.batch_size,
+                                     recipe.data.seq_len, layout.fetched_params()) if training else 2 * anchor_params
+        device = max(0, free - need - 2 * GiB)
+    elif recipe.trainer.accelerator in ("auto", "cpu"):
+        device, host = host, 0   # training on the CPU: the device *is* host RAM, and staging would only copy
+    else:
+        device = 0               # an accelerator that is not here: plan as if it had no room (set the budget)
+    plan_levels(levels, forced_active, device_budget=device, host_budget=host)
+    if check and training and any(lp.tier == "disk" for lp in levels):
+        check_disk(levels, disk_free(mem.disk_dir))
+    if mem.generic and layout.total_rank > 0:
+        params = layout.fetched_params()
+        levels.append(LevelPlan("generic", None, 1, params, params * elt, int(params * per_state), 1.0, "device"))
+    return levels
+
+
+def build_store(recipe: Recipe, layout: BankLayout | None, *, init: bool = True, anchor: nn.Module | None = None,
+                training: bool = True) -> BlockStore | None:
     if layout is None:
         return None
     cls = registry.get("stores", recipe.memory.store)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[recipe.memory.dtype]
-    return cls(layout, generic=recipe.memory.generic, dtype=dtype, seed=recipe.seed, init=init)
+    if not hasattr(cls, "from_recipe"):  # a third-party store written against the original constructor
+        return cls(layout, generic=recipe.memory.generic, dtype=dtype, seed=recipe.seed, init=init)
+    plan = plan_tiers(recipe, layout, anchor, training=training)
+    tiers = ["device"] * len(layout.sizes)
+    for lp in plan:
+        if lp.level is not None:
+            tiers[lp.level - 1] = lp.tier
+    store = cls.from_recipe(layout, recipe.memory, seed=recipe.seed, init=init, tiers=tiers, training=training)
+    store.plan = plan
+    return store
 
 
-def build_model(recipe: Recipe, vocab_size: int) -> MemoryLM:
+def build_model(recipe: Recipe, vocab_size: int, *, init_bank: bool = True) -> MemoryLM:
+    """The model of a recipe. `init_bank=False` leaves the bank's values undrawn (a resume restores them, and a
+    disk-tier level file is then reopened, not recreated)."""
     torch.manual_seed(recipe.seed)
     anchor = build_anchor(recipe, vocab_size)
     layout = build_layout(recipe, anchor)
-    return MemoryLM(anchor, layout, build_store(recipe, layout))
+    return MemoryLM(anchor, layout, build_store(recipe, layout, init=init_bank, anchor=anchor))
 
 
 def size_report(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
@@ -104,10 +162,16 @@ def size_report(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
         "bank_levels": [],
     }
     if layout:
-        elt = 2 if recipe.memory.dtype == "bfloat16" else 4
-        for lvl, r in enumerate(layout.sizes):
-            report["bank_levels"].append({"level": lvl + 1, "r": r, "nodes": layout.nodes(lvl),
-                                          "params": layout.level_params(lvl),
-                                          "bytes": layout.level_params(lvl) * elt,
-                                          "tier": recipe.memory.store})
+        from .bank.tiers import disk_free
+
+        plan = plan_tiers(recipe, layout, anchor, check=False)
+        on_disk = sum(lp.bytes for lp in plan if lp.tier == "disk")
+        if on_disk:
+            report["disk_bytes_needed"], report["disk_bytes_free"] = on_disk, disk_free(recipe.memory.disk_dir)
+        for lp in plan:
+            if lp.level is None:
+                continue
+            report["bank_levels"].append({"level": lp.level, "r": layout.sizes[lp.level - 1], "nodes": lp.nodes,
+                                          "params": lp.params, "bytes": lp.param_bytes, "state_bytes": lp.state_bytes,
+                                          "tier": lp.tier, "touched_per_step": lp.touched})
     return report

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 
 def _collect() -> tuple[type[BaseException], ...]:
+    from .bank.levelfile import BankFileError
+    from .bank.tiers import TierError
     from .config import RecipeError
     from .data.corpus import CorpusError
     from .eval import EvalError
     from .export import ModelDirError
     from .index import IndexError_
+    from .inspect import InspectError
     from .registry import PluginError
-    from .train.fit import FitError
+    from .train.errors import FitError
 
     return (RecipeError, CorpusError, ModelDirError, IndexError_, PluginError, FitError, EvalError,
-            FileNotFoundError)
+            TierError, BankFileError, InspectError, FileNotFoundError)
 
 
 USER_ERRORS = _collect()

@@ -1,15 +1,19 @@
-"""Small helpers shared across the package: atomic writes, checksums, versions, seeding."""
+"""Small helpers shared across the package: atomic writes (and recovering from interrupted ones), advisory file locks,
+checksums (and verifying them), versions."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -49,6 +53,98 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+def recover_atomic_dir(path: Path) -> list[str]:
+    """Finish or undo what an `atomic_dir(path)` killed half-way left behind; returns one note per action.
+
+    Call it only while holding the lock that guards `path` (a live writer's temp dir looks just like a dead one's).
+    `.<name>.old` beside a missing `path` is the previous content moved aside by a swap that never completed: it is
+    moved back, never deleted. `.<name>.*.tmp` are unfinished new contents: they are removed.
+    """
+    path = Path(path)
+    notes: list[str] = []
+    if not path.parent.is_dir():
+        return notes
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            notes.append(f"removed {old} (left by an interrupted replace of {path.name})")
+        else:
+            os.replace(old, path)
+            notes.append(f"restored {path} from {old.name} (an interrupted replace had moved it aside)")
+    for tmp in sorted(path.parent.glob(f".{path.name}.*.tmp")):
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+        notes.append(f"removed {tmp} (an unfinished write of {path.name})")
+    return notes
+
+
+class FileLock:
+    """An advisory flock(2) on `path` (created if missing). The kernel drops it when the process dies, so a lock
+    whose file still names a holder after `acquire` succeeded was left by a process that was killed (`stale`).
+
+    The exclusive holder writes {pid, host, started, ...} into the file so a refused process can say who holds it;
+    a clean release empties the file again (the file itself stays: unlinking a lock file races with openers).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._locked = False
+        self._wrote = False
+        self._started = ""
+
+    def acquire(self, *, shared: bool = False, blocking: bool = False) -> bool:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self._fd, flags)
+        except BlockingIOError:
+            return False
+        if not self._locked:
+            self._started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._locked = True
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._locked
+
+    def holder(self) -> dict[str, Any]:
+        """What the (last) exclusive holder wrote; {} when nothing or garbage."""
+        try:
+            raw = self.path.read_text(encoding="utf-8")
+            info = json.loads(raw) if raw.strip() else {}
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def write(self, info: dict[str, Any]) -> None:
+        assert self._fd is not None and self._locked, "acquire the lock first"
+        data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": self._started, **info}).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+        self._wrote = True
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._wrote and self._locked:
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd, self._locked, self._wrote = None, False, False
+
+
+def describe_holder(info: dict[str, Any]) -> str:
+    if not info:
+        return "another hmlm process"
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} (since {info.get('started', '?')})"
+
+
 def read_json_artifact(path: Path, error: type[Exception], *, missing: str, corrupt_hint: str = "") -> Any:
     """Read an artifact's JSON metadata, turning a missing or corrupt file into `error` that names the file."""
     path = Path(path)
@@ -65,12 +161,57 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20, on_bytes: Callable[[int], None] | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return h.hexdigest()
+
+
+def verify_checksums(root: Path, checksums: dict[str, str], error: type[Exception], *, listed_in: Path,
+                     fix: str, progress: bool = True, show_after_s: float = 1.5) -> None:
+    """Hash every file of `checksums` (relative to `root`) and raise `error` naming the first missing or differing
+    file. A transient progress bar appears only when hashing takes longer than `show_after_s`."""
+    root = Path(root)
+    files = []
+    for rel, expected in sorted(checksums.items()):
+        f = root / rel
+        if not f.is_file():
+            raise error(f"{f}: missing file listed in {listed_in}; {fix}")
+        files.append((f, expected))
+    total = sum(f.stat().st_size for f, _ in files)
+    bar: Any = None
+    done = 0
+    t0 = time.perf_counter()
+
+    def count(n: int) -> None:
+        nonlocal bar, done
+        done += n
+        if bar is None and progress and time.perf_counter() - t0 > show_after_s:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+            bar = Progress(TextColumn(f"verifying {root.name}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                           transient=True)
+            bar.start()
+            bar.add_task("sha256", total=total)
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=done)
+
+    try:
+        for f, expected in files:
+            try:
+                actual = sha256_file(f, on_bytes=count)
+            except OSError as exc:
+                raise error(f"{f}: cannot read ({exc.strerror or exc}); {fix}") from None
+            if actual != expected:
+                raise error(f"{f}: checksum mismatch (sha256 {actual[:12]}..., {listed_in.name} says "
+                            f"{expected[:12]}...): the file is corrupt or was modified; {fix}")
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 def versions() -> dict[str, str]:
@@ -81,3 +222,16 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def proc_status_bytes(path: str, field: str) -> int | None:
+    """A `Field:  N kB` value of a /proc status file (MemAvailable in /proc/meminfo, VmRSS in /proc/self/status) in
+    bytes; None where there is no such file (not Linux) or field."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -120,14 +120,14 @@ def test_corrupt_index_and_checkpoint_are_clear_errors(tiny_recipe, tmp_path, ca
     fit(recipe, progress=False, final_eval=False)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(to_dict(recipe)), encoding="utf-8")
-    # a truncated checkpoint: exit 2, the file named, no traceback
+    # a truncated checkpoint: exit 2, the file named, no traceback (tests/test_bad_inputs.py has the whole battery)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    code, _, err = run(capsys, "fit", "--recipe", str(path), "--resume")
+    code, _, err = run(capsys, "fit", "--recipe", str(path), "--resume", "last.ckpt")
     # (stderr may also hold a logging-module complaint about an earlier test's closed capture stream)
     ours = err[err.index("error:"):]
     assert code == 2 and "last.ckpt" in ours and "corrupt" in ours and "Traceback" not in ours
     # a corrupt index.json
     (tmp_path / "run" / "index" / "index.json").write_text("{not json", encoding="utf-8")
-    code, _, err = run(capsys, "fit", "--recipe", str(path))
+    code, _, err = run(capsys, "fit", "--recipe", str(path), "--resume")
     assert code == 2 and "index.json" in err and "corrupt JSON" in err

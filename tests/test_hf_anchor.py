@@ -99,10 +99,12 @@ def test_gradients_reach_only_fetched_blocks():
     ids, paths = batch(b=3)
     logits = model(ids, paths=paths, memory="fetched", grad_memory=True)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-    assert [key for key, _, _ in model.store._fetched] == ["l0", "l1", "l2"]
-    for key, rows, leaf in model.store._fetched:
+    fetched = model.store.fetched_grads()
+    assert [key for key, _, _ in fetched] == ["l0", "l1", "l2"]
+    for key, rows, grad in fetched:
         assert sorted(rows.tolist()) == sorted(set(paths[:, int(key[1:])].tolist()))
-        assert leaf["w3"].grad.abs().sum() > 0              # the zero-initialised down projection learns first
+        # the zero-initialised down projection learns first
+        assert model.store.format_of(key).named(grad)["w3"].abs().sum() > 0
     assert all(p.grad is None for p in model.anchor.parameters())
     before = {k: v.clone() for k, v in model.store.state_dict().items()}
     model.store.step(lr=1e-2, weight_decay=0.1)
@@ -110,7 +112,8 @@ def test_gradients_reach_only_fetched_blocks():
     for lvl in range(LEVELS):
         touched = set(paths[:, lvl].tolist())
         for node in range(K ** (lvl + 1)):
-            same = torch.equal(before[f"l{lvl}.w3"][node], after[f"l{lvl}.w3"][node])
+            old, new = (model.store.format_of(f"l{lvl}").named(s[f"l{lvl}.blocks"])["w3"] for s in (before, after))
+            same = torch.equal(old[node], new[node])
             assert same == (node not in touched), f"block l{lvl}[{node}]"
 
 

@@ -214,20 +214,23 @@ def test_gradients_and_updates_reach_only_fetched_blocks(kind):
     ids, paths = batch(b=3)
     logits = model(ids, paths=paths, memory="fetched", grad_memory=True)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-    assert [key for key, _, _ in model.store._fetched] == ["l0", "l1", "l2"]
-    for key, rows, leaf in model.store._fetched:
+    fetched = model.store.fetched_grads()
+    assert [key for key, _, _ in fetched] == ["l0", "l1", "l2"]
+    for key, rows, grad in fetched:
         assert sorted(rows.tolist()) == sorted(set(paths[:, int(key[1:])].tolist()))
-        assert all(t.grad is not None for t in leaf.values())
+        named = model.store.format_of(key).named(grad)
         # the zero-initialised tensor is what learns first (the others get zero gradient through it)
-        assert all(leaf[n].grad.abs().sum() > 0 for n in zeros)
+        assert all(named[n].abs().sum() > 0 for n in zeros)
     before = {k: v.clone() for k, v in model.store.state_dict().items()}
     model.store.step(lr=1e-2, weight_decay=0.1)
     after = model.store.state_dict()
     for lvl in range(LEVELS):
         touched = set(paths[:, lvl].tolist())
-        for name in model.store.tensors[f"l{lvl}"]:
+        fmt = model.store.format_of(f"l{lvl}")
+        old, new = fmt.named(before[f"l{lvl}.blocks"]), fmt.named(after[f"l{lvl}.blocks"])
+        for name in old:
             for node in range(K ** (lvl + 1)):
-                same = torch.equal(before[f"l{lvl}.{name}"][node], after[f"l{lvl}.{name}"][node])
+                same = torch.equal(old[name][node], new[name][node])
                 if node not in touched:
                     assert same, f"untouched block l{lvl}[{node}].{name} changed"
                 elif name in zeros:

@@ -110,11 +110,11 @@ def test_anchor_then_cotrain_from_checkpoint(tiny_recipe, tmp_path, shared_index
 
 
 def test_missing_anchor_checkpoint_is_a_clear_error(tiny_recipe, tmp_path, shared_index):
-    from hmlm.train.fit import FitError
+    from hmlm.config import RecipeError
 
     recipe = tiny_recipe(**{"index.dir": str(shared_index), "trainer.mode": "cotrain",
                             "out_dir": str(tmp_path / "x"), "anchor.init_from": str(tmp_path / "nope.ckpt")})
-    with pytest.raises(FitError, match="anchor.init_from.*nope.ckpt"):
+    with pytest.raises(RecipeError, match="anchor.init_from.*nope.ckpt"):
         fit(recipe, progress=False, final_eval=False)
 
 

@@ -156,7 +156,7 @@ def test_fit_logs_on_logging_steps_only_and_prints_no_lightning_noise(tiny_recip
     noisy = [str(w.message)[:80] for w in caught if "LeafSpec" in str(w.message) or "ModelCheckpoint" in str(w.message)]
     assert noisy == []
     steps = sorted(int(r["step"]) for r in read_metrics(recipe.out_dir) if r.get("train/loss"))
-    assert steps == [1, 3, 4]   # (step + 1) % log_every == 0, and the last step
+    assert steps == [1, 3]   # (step + 1) % log_every == 0: the steps Lightning writes to its loggers
     rows = [r for r in read_metrics(recipe.out_dir) if r.get("train/loss")]
     assert all(float(r["train/ppl"]) == pytest.approx(2.718281828 ** float(r["train/loss"]), rel=1e-5) for r in rows)
 
@@ -198,3 +198,34 @@ def test_fit_keeps_tree_paths_on_the_host(tiny_recipe):
     moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
     assert moved["input_ids"].device.type == "meta" and moved["doc_ids"].device.type == "meta"
     assert moved["path"] is batch["path"] and moved["path"].device.type == "cpu"
+
+
+class _DroppingEngine(PlainEngine):
+    """An engine whose non-finite guard rejects every batch after backward (fit's skip mode, without Lightning)."""
+
+    def drop_update(self) -> bool:
+        return True
+
+
+def test_a_dropped_update_steps_no_optimizer_and_releases_the_fetched_blocks(tiny_recipe):
+    recipe = tiny_recipe()
+    model = build_model(recipe, VOCAB)
+    before = copy.deepcopy(model.state_dict())
+    step_fn = TrainStep(model, recipe)
+    anchor_opt = build_anchor_optimizer(model.anchor, recipe.optim.anchor)
+    bank_opt = BankOptimizer(model.store, recipe.optim.memory)
+    out = step_fn(_batches(recipe, 1)[0], step=0, anchor_opt=anchor_opt, bank_opt=bank_opt, engine=_DroppingEngine())
+    assert out is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not anchor_opt.state and bank_opt.last_stats == {}
+    assert list(model.store.fetched_grads()) == []  # nothing fetched is left for a later step to apply
+
+
+def test_bench_announces_each_batch_one_step_ahead():
+    from hmlm.bench.train_step import announced_ahead
+
+    seen: list[int] = []
+    batches = announced_ahead(iter({"path": torch.tensor([i])} for i in range(10)), lambda p: seen.append(int(p)))
+    drawn = [int(next(batches)["path"]) for _ in range(3)]
+    assert drawn == [0, 1, 2] and seen == [0, 1, 2, 3]  # batch n+1 was announced before batch n is used

@@ -1,10 +1,10 @@
 """Per-rank bank files of a subtree-parallel run, and their merge into one full bank.
 
 Each rank of a `trainer.data_parallel=subtree` run holds only its blocks (docs/distributed.md). At the end of training
-it writes them to `<out_dir>/ranks/rank-RRR/bank/<key>.safetensors`: the held rows of every tensor (node axis first)
-plus `_rows`, their global node ids. `merge_rank_banks` puts the rows back into a full store, which the ordinary
-model directory (hmlm.export) then saves: the merged model is indistinguishable from a single-process one. The same
-merge serves the paper's "train each subtree as an independent job, then merge".
+it writes them to `<out_dir>/ranks/rank-RRR/bank/<key>.safetensors`: `blocks`, the held rows (one row per block, the
+store's row layout), plus `_rows`, their global node ids. `merge_rank_banks` puts the rows back into a full store,
+which the ordinary model directory (hmlm.export) then saves: the merged model is indistinguishable from a
+single-process one. The same merge serves the paper's "train each subtree as an independent job, then merge".
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..utils import atomic_dir, write_json
 from .stores import BlockStore
 
 ROWS = "_rows"
+BLOCKS = "blocks"
 
 
 class BankMergeError(ValueError):
@@ -31,11 +32,10 @@ def save_rank_bank(store: BlockStore, directory: Path, *, rank: int, world: int,
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         (tmp / "bank").mkdir()
-        for key, tensors in store.tensors.items():
-            nodes = next(iter(tensors.values())).shape[0]
-            rows = store.held.get(key, torch.arange(nodes))
-            out = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-            out[ROWS] = rows.cpu().to(torch.int64).contiguous()
+        for key in store.keys():
+            rows = store.held.get(key, torch.arange(store.nodes(key)))
+            out = {BLOCKS: store.read_rows(key).params.detach().cpu().contiguous(),
+                   ROWS: rows.cpu().to(torch.int64).contiguous()}
             save_file(out, str(tmp / "bank" / f"{key}.safetensors"),
                       metadata={"key": key, "rank": str(rank), "world": str(world), "dtype": str(store.dtype)})
         write_json(tmp / "rank.json", {"rank": rank, "world": world, **(info or {})})
@@ -62,34 +62,34 @@ def merge_rank_banks(rank_dirs: Sequence[Path], store: BlockStore) -> BlockStore
     if len(worlds) != 1 or ranks != list(range(next(iter(worlds)))):
         raise BankMergeError(f"rank directories {', '.join(map(str, dirs))} are not ranks 0..world-1 of one run "
                              f"(ranks {ranks}, world sizes {sorted(worlds)})")
-    for key, tensors in store.tensors.items():
-        nodes = next(iter(tensors.values())).shape[0]
+    for key in store.keys():
+        nodes, fmt = store.nodes(key), store.format_of(key)
+        merged = torch.zeros((nodes, fmt.numel), dtype=fmt.dtype)
         filled = torch.zeros(nodes, dtype=torch.bool)
         for d in dirs:
             path = d / "bank" / f"{key}.safetensors"
             if not path.is_file():
                 raise BankMergeError(f"{path}: missing (every rank writes one file per bank key)")
             with safe_open(str(path), framework="pt") as h:
+                if BLOCKS not in h.keys():
+                    raise BankMergeError(f"{path}: tensor `{BLOCKS}` missing")
                 rows = h.get_tensor(ROWS)
                 if len(rows) and (rows.min() < 0 or rows.max() >= nodes):
                     raise BankMergeError(f"{path}: rows outside [0, {nodes}) (a bank of another shape)")
-                for name, t in tensors.items():
-                    if name not in h.keys():
-                        raise BankMergeError(f"{path}: tensor `{name}` missing")
-                    src = h.get_tensor(name).to(device=t.device, dtype=t.dtype)
-                    if tuple(src.shape) != (len(rows), *t.shape[1:]):
-                        raise BankMergeError(f"{path}: tensor `{name}` has shape {tuple(src.shape)}, expected "
-                                             f"{(len(rows), *t.shape[1:])}")
-                    again = filled[rows]
-                    dev_rows = rows.to(t.device)
-                    if again.any() and not torch.equal(t[dev_rows[again.to(t.device)]], src[again.to(t.device)]):
-                        raise BankMergeError(f"{path}: shared blocks of `{key}` differ from another rank's copy; the "
-                                             "rank directories come from different runs or steps")
-                    t.index_copy_(0, dev_rows, src)
+                src = h.get_tensor(BLOCKS).to(fmt.dtype)
+                if tuple(src.shape) != (len(rows), fmt.numel):
+                    raise BankMergeError(f"{path}: `{BLOCKS}` has shape {tuple(src.shape)}, expected "
+                                         f"{(len(rows), fmt.numel)}")
+                again = filled[rows]
+                if again.any() and not torch.equal(merged[rows[again]], src[again]):
+                    raise BankMergeError(f"{path}: shared blocks of `{key}` differ from another rank's copy; the "
+                                         "rank directories come from different runs or steps")
+                merged[rows] = src
             filled[rows] = True
         if not filled.all():
             missing = (~filled).nonzero().squeeze(1)[:5].tolist()
             raise BankMergeError(f"bank key `{key}`: blocks {missing}... are held by no rank directory given")
+        store.write_rows(key, torch.arange(nodes), merged)
     return store
 
 

@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, ste
         raise ValueError(f"world {world} > k={k} level-1 subtrees: use a deeper subtree level (trainer.subtree_level)")
     if mode == "subtree" and world > 1:
         store.restrict({key: rows for key, rows in _owned_rows([layout.nodes(l) for l in range(levels)], k, owned)
-                        .items() if key in store.tensors})
+                        .items() if key in store.keys()})
     anchor.to(device)
     store.to_compute(device)
     counter = CommCounter()
@@ -128,9 +128,7 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, ste
             "batch_per_rank": b, "seq_len": t, "steps": steps, "step_ms": round(1000 * seconds / steps, 2),
             "tokens_per_s": round(steps * b * t * world / seconds, 1),
             "anchor_bytes_per_step": counter.anchor_bytes // steps, "bank_bytes_per_step": bank_bytes // steps,
-            "bank_params": layout.bank_params(), "bank_params_per_rank": sum(
-                next(iter(d.values())).shape[0] * layout.block_params(layout.sizes[int(key[1:])])
-                for key, d in store.tensors.items() if key.startswith("l")),
+            "bank_params": layout.bank_params(), "bank_params_per_rank": store.held_params(),
         }))
     dist.destroy_process_group()
 

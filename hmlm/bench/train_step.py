@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -69,6 +69,17 @@ def synthetic_batches(recipe: Recipe, vocab_size: int, device: torch.device, see
         yield {key: v.to(device, non_blocking=True) if key != "path" else v for key, v in batch.items()}
 
 
+def announced_ahead(batches: Iterator[dict], announce: Callable[[torch.Tensor], None]) -> Iterator[dict]:
+    """The batches in fit's order of events: batch n+1 is drawn, and its paths announced to the bank's prefetch
+    (hmlm.train.datamodule.AnnouncingLoader), before step n runs, so host/disk levels stage while a step computes."""
+    upcoming = next(batches)
+    announce(upcoming["path"])
+    while True:
+        current, upcoming = upcoming, next(batches)
+        announce(upcoming["path"])
+        yield current
+
+
 def bench_recipe(recipe: Recipe, store: str | None) -> Recipe:
     """The recipe of one bench row: the anchor alone (store=None) or, with memory on `store`, the recipe's mode when
     it trains memory (memory, cotrain, scratch) and co-training otherwise."""
@@ -86,15 +97,20 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
     anchor = build_anchor(recipe, vocab_size)
     layout = build_layout(recipe, anchor)
     # block values do not change the cost of a step, so skip initialising a multi-billion bank on the CPU
-    model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False)).to(device)
+    model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False, anchor=anchor)).to(device)
     if model.store is not None:
         model.store.to_compute(device)
+        if hasattr(model.store, "fill"):
+            model.store.fill(0.0)  # commit host memory and write disk files: reading never-written pages is free
     step_fn = TrainStep(model, recipe, compile=compile)
     anchor_opt = build_anchor_optimizer(model.anchor, recipe.optim.anchor) if step_fn.train_anchor else None
     bank_opt = BankOptimizer(model.store, recipe.optim.memory) if step_fn.train_memory else None
     engine = PlainEngine()
     b, t = recipe.trainer.batch_size, recipe.data.seq_len
     data = synthetic_batches(recipe, vocab_size, device, recipe.seed)
+    prefetch = getattr(model.store, "prefetch", None) if step_fn.train_memory else None
+    if prefetch is not None:
+        data = announced_ahead(data, prefetch)
 
     def run(step: int) -> torch.Tensor:
         with autocast(device):
@@ -115,8 +131,15 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
     tps = tokens / seconds
     peak = peak_flops(device)
     fpt = flops_per_token(model, t)
+    tiers = None
+    if model.store is not None and hasattr(model.store, "tier_of"):
+        tiers = ",".join(model.store.tier_of(f"l{lvl}") for lvl in model.layout.active_levels)
     out = {
-        "config": row_name(store, compile),
+        "config": row_name(store, compile, tiers if store == "tiered" else None),
+        "tiers": tiers,
+        "optim_state": recipe.memory.optim_state if store is not None else None,
+        "branching": recipe.index.router.branching,
+        "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
         "batch": b, "seq_len": t, "steps": steps, "doc_mask": recipe.data.doc_mask,
         "step_ms": round(1000 * seconds / steps, 2),
         "tokens_per_s": round(tps, 1),
@@ -128,14 +151,18 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
         "final_loss": round(final_loss, 4),
     }
+    if model.store is not None and hasattr(model.store, "bytes_by_tier"):
+        out["bank_bytes_by_tier"] = model.store.bytes_by_tier()
+        model.store.close()
     del model, anchor_opt, bank_opt, step_fn
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
-def row_name(store: str | None, compile: bool) -> str:
-    return ("anchor only" if store is None else f"anchor + memory ({store} store)") + (", compiled" if compile else "")
+def row_name(store: str | None, compile: bool, tiers: str | None = None) -> str:
+    return (("anchor only" if store is None else f"anchor + memory ({store} store)")
+            + (f" tiers {tiers}" if tiers else "") + (", compiled" if compile else ""))
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -153,29 +180,67 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def _rss_bytes() -> int:
+    from ..utils import proc_status_bytes
+
+    return proc_status_bytes("/proc/self/status", "VmRSS") or 0
+
+
+def measure_or_oom(recipe: Recipe, **kw) -> dict[str, Any]:
+    """`measure`, or a row saying the configuration ran out of accelerator memory (the next rows still run)."""
+    try:
+        return measure(recipe, **kw)
+    except torch.cuda.OutOfMemoryError as exc:
+        message = str(exc).splitlines()[0][:200]
+    import gc
+
+    gc.collect()  # the failed row's model and bank (held by the traceback until here)
+    torch.cuda.empty_cache()
+    store = kw.get("store")
+    return {"config": row_name(store, kw.get("compile", False), str(recipe.memory.tiers) if store == "tiered" else None),
+            "tiers": str(recipe.memory.tiers) if store is not None else None,
+            "branching": recipe.index.router.branching,
+            "batch": recipe.trainer.batch_size, "seq_len": recipe.data.seq_len, "tokens_per_s": None,
+            "error": f"out of memory: {message}"}
+
+
+def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,
+              device: torch.device, compile: bool = False) -> list[dict[str, Any]]:
+    """Memory rows of the tiered store: one per tier plan (`auto`, `host`, `device,device,host`, ...) at the recipe's
+    branching, then a bank-size sweep (same fetch size, bank grown by the branching k) with the first plan."""
+    rows = []
+    for spec in tiers:
+        plan: Any = spec.split(",") if "," in spec else spec
+        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
+        rows.append(measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup,
+                                   device=device, compile=compile))
+    for k in branchings:
+        plan = tiers[0].split(",") if tiers and "," in tiers[0] else (tiers[0] if tiers else "auto")
+        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan),
+                    index=replace(recipe.index, router=replace(recipe.index.router, branching=k)))
+        row = measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
+                             compile=compile)
+        row["sweep"] = "bank size"
+        rows.append(row)
+    return rows
+
+
 def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
-              out: Path | None = None, compile: bool = False) -> list[dict[str, Any]]:
+              out: Path | None = None, compile: bool = False, tiers: list[str] | None = None,
+              branchings: list[int] | None = None, anchor: bool = True) -> list[dict[str, Any]]:
     device = bench_device()
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [_measure_or_oom(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
-                            compile=compile) for store in [None, *stores]]
-    base = rows[0].get("tokens_per_s")
+    rows = [measure_or_oom(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
+                           compile=compile) for store in ([None] if anchor else []) + list(stores)]
+    if tiers or branchings:
+        rows += tier_rows(recipe, vocab_size=vocab_size, tiers=list(tiers or []), branchings=list(branchings or []),
+                          steps=steps, warmup=warmup, device=device, compile=compile)
+    base = rows[0]["tokens_per_s"] if anchor else None
     for row in rows:
-        if base and "tokens_per_s" in row:
-            row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3)
+        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3) if base and row["tokens_per_s"] else None
         row["device"] = device_name(device)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return rows
 
-
-def _measure_or_oom(recipe: Recipe, *, store: str | None, device: torch.device, compile: bool,
-                    **kwargs: Any) -> dict[str, Any]:
-    """One row; a configuration that does not fit the GPU gives a row saying so instead of ending the run."""
-    try:
-        return measure(recipe, store=store, device=device, compile=compile, **kwargs)
-    except torch.cuda.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        return {"config": row_name(store, compile), "batch": recipe.trainer.batch_size, "seq_len": recipe.data.seq_len,
-                "error": f"out of memory: {str(exc).splitlines()[0][:200]}"}

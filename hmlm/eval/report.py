@@ -45,6 +45,7 @@ class EvalOptions:
     ambiguous: tuple[str, ...] = ()
     perplexity: bool = True
     max_gen_toks: int = 32
+    verify: bool = True          # False: load model dirs whose model.json has no checksums (hmlm eval --no-verify)
 
 
 def task_manager(tasks: Sequence[str], include_path: str | None = None):
@@ -163,7 +164,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     report: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "options": asdict(opts),
                               "buckets": bucket_labels(opts.edges), "models": []}
     for path, label in zip(paths, _labels(paths)):
-        loaded = load_model_dir(path, device=device)
+        loaded = load_model_dir(path, device=device, verify=opts.verify)
         rc = loaded.recipe.index.router
         have = set(available_modes(loaded))
         modes, skipped = [], {}
@@ -268,7 +269,8 @@ def eval_from_args(args, console: Console) -> dict:
                        memory=split(args.memory), limit=args.limit, batch_size=args.batch_size, device=args.device,
                        out=args.out, edges=parse_edges(args.buckets), include_path=args.include_path,
                        bucket_source=args.bucket_source, ambiguous=tuple(split(args.ambiguous)),
-                       perplexity=not args.no_perplexity, max_gen_toks=args.max_gen_toks)
+                       perplexity=not args.no_perplexity, max_gen_toks=args.max_gen_toks,
+                       verify=not getattr(args, "no_verify", False))
     if not opts.memory:
         raise EvalError("--memory is empty; use e.g. fetched,generic,none")
     return run_eval(opts, console)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..protocols import AnchorShape, TensorSpec
+from .init import trunc_normal_
 
 
 class FFNMemory:
@@ -31,7 +32,7 @@ class FFNMemory:
         # paper: gate/up truncated normal, down zeros (no effect at step 0)
         for name in ("w1", "w2"):
             std = self.init_std
-            torch.nn.init.trunc_normal_(tensors[name], std=std, a=-2 * std, b=2 * std, generator=generator)
+            trunc_normal_(tensors[name], std=std, a=-2 * std, b=2 * std, generator=generator)
         tensors["w3"].zero_()
 
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:

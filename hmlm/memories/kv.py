@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..protocols import AnchorShape, TensorSpec
+from .init import trunc_normal_
 
 
 class KVMemory:
@@ -37,7 +38,7 @@ class KVMemory:
 
     def init_block(self, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
         std = self.init_std
-        torch.nn.init.trunc_normal_(tensors["keys"], std=std, a=-2 * std, b=2 * std, generator=generator)
+        trunc_normal_(tensors["keys"], std=std, a=-2 * std, b=2 * std, generator=generator)
         tensors["values"].zero_()
 
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:

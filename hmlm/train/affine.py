@@ -238,13 +238,6 @@ def counting_allreduce_hook(state, bucket):  # unannotated: DDP rejects the stri
     return allreduce_hook(None, bucket)  # type: ignore[arg-type]
 
 
-class _Grad:
-    """A leaf stand-in for reduced shared blocks: BlockStore.step reads only `.grad`."""
-
-    def __init__(self, grad: torch.Tensor):
-        self.grad = grad
-
-
 class BankSync:
     """The bank side of one rank of a subtree-parallel run.
 
@@ -254,7 +247,7 @@ class BankSync:
     def __init__(self, plan: SubtreePlan, store: BlockStore, rank: int):
         self.plan, self.rank, self.world = plan, rank, plan.world
         self.counter = CommCounter()
-        keys = list(store.tensors)
+        keys = store.keys()
         self.sets = []
         groups: dict[tuple[int, ...], object] = {}
         for key, ranks, rows in plan.shared_sets(keys):
@@ -272,45 +265,38 @@ class BankSync:
         Returns the global bank gradient norm (one scalar all-reduce) when clipping needs it.
         """
         kept, by_key = [], {}
-        for key, rows, leaf in store._fetched:
-            for t in leaf.values():
-                if t.grad is not None:
-                    t.grad.div_(self.world)
-            (by_key.setdefault(key, []) if key in self.shared_keys else kept).append((key, rows, leaf))
+        for key, rows, grad in store.fetched_grads():
+            grad.div_(self.world)
+            (by_key.setdefault(key, []) if key in self.shared_keys else kept).append((key, rows, grad))
         dev = store.compute_device
         # gloo reduces CPU tensors, NCCL CUDA tensors
         comm_dev = dev if dist.get_backend() == "nccl" else torch.device("cpu")
-        sq = sum((t.grad.float().pow(2).sum() for _, _, leaf in kept for t in leaf.values() if t.grad is not None),
-                 torch.zeros((), device=dev))
+        sq = sum((g.float().pow(2).sum() for _, _, g in kept), torch.zeros((), device=dev))
         for key, ranks, group, local in self.sets:
-            spec = store.tensors[key]
+            width = store.format_of(key).numel
             pos_of = torch.full((int(local.max()) + 1,), -1, dtype=torch.long)
             pos_of[local] = torch.arange(len(local))
-            bufs = {n: torch.zeros((len(local), *t.shape[1:]), dtype=torch.float32, device=comm_dev)
-                    for n, t in spec.items()}
+            buf = torch.zeros((len(local), width), dtype=torch.float32, device=comm_dev)
             count = torch.zeros(len(local), dtype=torch.float32, device=comm_dev)
-            for _, rows, leaf in by_key.get(key, []):
+            for _, rows, grad in by_key.get(key, []):
                 pos = pos_of[rows.clamp(max=len(pos_of) - 1)]
                 hit = (rows < len(pos_of)) & (pos >= 0)
                 pos_of_hit = pos[hit].to(comm_dev)
                 count.index_add_(0, pos_of_hit, torch.ones(len(pos_of_hit), device=comm_dev))
-                for n, t in leaf.items():
-                    if t.grad is not None:
-                        bufs[n].index_add_(0, pos_of_hit, t.grad.detach().float()[hit.to(t.grad.device)].to(comm_dev))
-            flat = torch.cat([b.flatten() for b in bufs.values()] + [count])
+                buf.index_add_(0, pos_of_hit, grad.detach().float()[hit.to(grad.device)].to(comm_dev))
+            flat = torch.cat([buf.flatten(), count])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             self.counter.shared_bytes += flat.numel() * flat.element_size()
             self.counter.shared_calls += 1
             self.counter.shared_keys[key] = self.counter.shared_keys.get(key, 0) + flat.numel() * flat.element_size()
-            parts = torch.split(flat, [b.numel() for b in bufs.values()] + [len(local)])
-            used = parts[-1] > 0
+            grads, used = flat[:buf.numel()].view_as(buf), flat[buf.numel():] > 0
             if not used.any():
                 continue
-            leaf = {n: _Grad(p.view_as(bufs[n])[used].to(dev)) for n, p in zip(bufs, parts)}
-            kept.append((key, local[used.cpu()], leaf))
+            reduced = grads[used].to(dev)
+            kept.append((key, local[used.cpu()], reduced))
             if self.rank == ranks[0]:  # count a shared block once in the global norm
-                sq = sq + sum(g.grad.pow(2).sum() for g in leaf.values())
-        store._fetched = kept
+                sq = sq + reduced.pow(2).sum()
+        store.replace_fetched_grads(kept)
         if not global_norm:
             return None
         sq = sq.reshape(1).to(comm_dev, torch.float64)

@@ -38,10 +38,27 @@ class StreamSampler(Sampler[int]):
             pos += self.world
 
 
+class AnnouncingLoader:
+    """A DataLoader that passes each training batch's paths to `announce` as the batch is drawn.
+
+    Lightning draws batch n+1 before it runs step n, so the bank (`store.prefetch`) can stage the next step's blocks
+    while the current one computes. The paths stay on the CPU; nothing else about the batch changes.
+    """
+
+    def __init__(self, loader: DataLoader, announce):
+        self.loader, self.announce = loader, announce
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.announce(batch["path"])
+            yield batch
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, index_dir: str | Path, *, batch_size: int, seed: int, num_workers: int = 0,
-                 val_batch_size: int | None = None):
+                 val_batch_size: int | None = None, val: bool = True):
         super().__init__()
+        self.with_val = val  # False: the index has no validation split (data.val_fraction=0)
         self.index_dir = Path(index_dir)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -50,12 +67,15 @@ class ShardDataModule(L.LightningDataModule):
         self.train_set: SequenceShards | None = None
         self.val_set: SequenceShards | None = None
         self.subtree_plan = None  # trainer.data_parallel=subtree: set by fit() (hmlm.train.affine.SubtreePlan)
+        # batches dropped for a non-finite loss (hmlm.train.guard): they used up stream positions but no global step
+        self.skipped_batches = 0
+        self.announce = None      # the bank's prefetch hook, set by HMLMModule.setup (AnnouncingLoader)
 
     def setup(self, stage: str | None = None) -> None:
         shards = self.index_dir / "shards"
         if self.train_set is None:
             self.train_set = SequenceShards(shards, "train")
-        if self.val_set is None:
+        if self.val_set is None and self.with_val:
             self.val_set = SequenceShards(shards, "val")
 
     def _world(self) -> tuple[int, int]:
@@ -68,18 +88,23 @@ class ShardDataModule(L.LightningDataModule):
         self.setup("fit")
         rank, world = self._world()
         step = self.trainer.global_step if getattr(self, "trainer", None) is not None else 0
+        step += self.skipped_batches
         if self.subtree_plan is not None:
             from .affine import SubtreeSampler
 
             # a rank draws from its own subtrees; one process reproducing N ranks draws all N batches per step
             ranks = [rank] if world > 1 else list(range(self.subtree_plan.world))
             sampler = SubtreeSampler(self.subtree_plan, self.seed, self.batch_size, ranks=ranks, start_step=step)
-            return DataLoader(self.train_set, batch_size=self.batch_size * len(ranks), sampler=sampler,
-                              drop_last=True, **self._loader_options())
-        sampler = StreamSampler(len(self.train_set), self.seed, start=step * self.batch_size * world,
-                                rank=rank, world=world)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          **self._loader_options())
+            loader = DataLoader(self.train_set, batch_size=self.batch_size * len(ranks), sampler=sampler,
+                                drop_last=True, **self._loader_options())
+        else:
+            sampler = StreamSampler(len(self.train_set), self.seed, start=step * self.batch_size * world,
+                                    rank=rank, world=world)
+            loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                **self._loader_options())
+        if self.announce is None:
+            return loader
+        return AnnouncingLoader(loader, self.announce)  # type: ignore[return-value]
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -48,7 +48,12 @@ class _LightningEngine:
         self.module = module
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.module.manual_backward(loss)
+        self.module.manual_backward(loss)  # runs the callbacks' backward hooks: the non-finite guard's among them
+
+    def drop_update(self) -> bool:
+        """The non-finite guard (hmlm.train.guard, trainer.nonfinite.skip) rejected this batch after backward."""
+        drop, self.module.skip_update = self.module.skip_update, False
+        return drop
 
     def clip(self, optimizer, max_norm: float) -> None:
         self.module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
@@ -81,11 +86,15 @@ class HMLMModule(L.LightningModule):
         self._engine = _LightningEngine(self)
         # what the progress bar shows: plain floats refreshed on logging steps (a tensor there would sync every step)
         self.progress_metrics: dict[str, float] = {}
+        self.skip_update = False  # set after backward by hmlm.train.guard (trainer.nonfinite.skip): drop this batch
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         if self.model.store is not None:
-            self.model.store.to_compute(self.device)
+            # the strategy's device, not self.device: Lightning moves the module only after setup, and the bank's
+            # levels are created (and a resume restored) where they will live
+            strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+            self.model.store.to_compute(getattr(strategy, "root_device", None) or self.device)
         if self.subtree_plan is not None and self._world()[1] > 1 and self.comm_counter is None:
             from .affine import BankSync, CommCounter
 
@@ -95,9 +104,19 @@ class HMLMModule(L.LightningModule):
                 # this rank keeps only its own blocks and the shared ones it helps train
                 store = self.model.store
                 store.restrict({k: torch.from_numpy(v) for k, v in
-                                self.subtree_plan.held_rows(rank, list(store.tensors)).items()})
+                                self.subtree_plan.held_rows(rank, store.keys()).items()})
                 self.bank_sync = BankSync(self.subtree_plan, store, rank)
                 self.bank_sync.counter = self.comm_counter
+
+        self._announce_batches()
+
+    def _announce_batches(self) -> None:
+        """Let the bank see each training batch's paths when the loader yields it, one step before the batch is used
+        (Lightning draws a batch ahead), so host/disk levels stage its blocks while the current step computes."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "announce") and self.train_memory and self.model.store is not None \
+                and hasattr(self.model.store, "prefetch"):
+            dm.announce = self.model.store.prefetch
 
     def _world(self) -> tuple[int, int]:
         trainer = self._trainer
@@ -163,11 +182,11 @@ class HMLMModule(L.LightningModule):
         return plan.world if plan is not None and self._world()[1] == 1 else 1
 
     def _is_log_step(self, step: int) -> bool:
-        """The steps whose metrics Lightning writes to the loggers (Trainer(log_every_n_steps)), and the last one."""
-        every = max(1, self.recipe.trainer.log_every)
-        return (step + 1) % every == 0 or step + 1 >= self.recipe.trainer.max_steps
+        """The steps whose metrics Lightning writes to the loggers (Trainer(log_every_n_steps)); what is logged on
+        other steps is never written, so reading the loss there would be a host sync for nothing."""
+        return (step + 1) % max(1, self.recipe.trainer.log_every) == 0
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         step = self.global_step
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
@@ -176,6 +195,8 @@ class HMLMModule(L.LightningModule):
         rank, world = self._world()
         loss = self.step_fn(batch, step=step, anchor_opt=anchor_opt, bank_opt=bank_opt, engine=self._engine,
                             rank=rank, world=world, groups=self._reference_ranks())
+        if loss is None:  # the non-finite guard dropped this batch (trainer.nonfinite.skip): nothing to log
+            return None
         if self._is_log_step(step):
             # the only host syncs of a step, and only every log_every steps: reading the loss and the bank's stats
             value = float(loss)
@@ -207,8 +228,12 @@ class HMLMModule(L.LightningModule):
     def _rank_bank_file(self, step: int, rank: int) -> Path:
         return Path(self.recipe.out_dir) / "checkpoints" / "bank-ranks" / f"step-{step:06d}" / f"rank-{rank:03d}.safetensors"
 
+    def _bank_checkpoint_dir(self, rel: str) -> Path:
+        return Path(self.recipe.out_dir) / "checkpoints" / rel
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model.store is not None and self.model.store.held:
+        store = self.model.store
+        if store is not None and store.held:
             # subtree-parallel: every rank runs this hook; each writes its own blocks beside the checkpoint
             from safetensors.torch import save_file
 
@@ -217,29 +242,35 @@ class HMLMModule(L.LightningModule):
             rank, world = self._world()
             path = self._rank_bank_file(self.global_step, rank)
             with atomic_write_path(path) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.store.state_dict().items()},
-                          str(tmp))
+                save_file({k: v.detach().cpu().contiguous() for k, v in store.state_dict().items()}, str(tmp))
             checkpoint["hmlm_bank_ranks"] = {"step": self.global_step, "world": world}
-        elif self.model.store is not None:
-            checkpoint["hmlm_bank"] = {k: v.detach().cpu() for k, v in self.model.store.state_dict().items()}
+        elif store is not None:
+            # the bank is not pickled into the checkpoint: per-level files beside it (docs/design.md §8), written
+            # before Lightning writes the checkpoint that names them
+            rel = f"bank/step-{self.global_step:06d}"
+            manifest = store.save_checkpoint(self._bank_checkpoint_dir(rel), self.global_step)
+            checkpoint["hmlm_bank_checkpoint"] = {"dir": rel, "manifest": manifest}
         checkpoint["hmlm_rng"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model.store is not None and "hmlm_bank_ranks" in checkpoint:
+        store = self.model.store
+        if store is not None and "hmlm_bank_ranks" in checkpoint:
             from safetensors.torch import load_file
 
             meta, (rank, world) = checkpoint["hmlm_bank_ranks"], self._world()
-            if meta["world"] != world or not self.model.store.held:
+            if meta["world"] != world or not store.held:
                 raise ValueError(f"checkpoint was written by a {meta['world']}-rank subtree-parallel run; resume it "
                                  f"with trainer.data_parallel=subtree on {meta['world']} ranks (this run: {world})")
             path = self._rank_bank_file(int(meta["step"]), rank)
             if not path.is_file():
                 raise ValueError(f"{path}: this rank's bank state for the checkpoint is missing")
-            self.model.store.load_state_dict(load_file(str(path)))
-        elif self.model.store is not None:
-            if "hmlm_bank" not in checkpoint:
-                raise ValueError("checkpoint has no memory bank state (`hmlm_bank`): it was written by a run "
-                                 "without memory; resume it with the same recipe")
-            self.model.store.load_state_dict(checkpoint["hmlm_bank"])
+            store.load_state_dict(load_file(str(path)))
+        elif store is not None:
+            saved = checkpoint.get("hmlm_bank_checkpoint")
+            if saved is None:
+                raise ValueError("checkpoint has no memory bank state (`hmlm_bank_checkpoint`): it was written by a "
+                                 "run without memory, or by an hmlm from before per-level bank checkpoints; resume "
+                                 "it with the same recipe and hmlm version")
+            store.load_checkpoint(self._bank_checkpoint_dir(saved["dir"]), saved["manifest"])
         if "hmlm_rng" in checkpoint:
             torch.set_rng_state(checkpoint["hmlm_rng"])

@@ -36,6 +36,9 @@ class Engine(Protocol):
 
     def step(self, optimizers: Sequence[Any]) -> None: ...
 
+    def drop_update(self) -> bool:
+        """After backward: True when this batch must not update anything (a non-finite loss the guard skips)."""
+
 
 class PlainEngine:
     """Plain PyTorch (the bench): loss.backward(), clip_grad_norm_, optimizer.step()."""
@@ -50,6 +53,9 @@ class PlainEngine:
     def step(self, optimizers: Sequence[Any]) -> None:
         for opt in optimizers:
             opt.step()
+
+    def drop_update(self) -> bool:
+        return False
 
 
 class BankOptimizer(torch.optim.Optimizer):
@@ -163,13 +169,20 @@ class TrainStep:
 
     # ---------------------------------------------------------------- the step
     def __call__(self, batch: dict[str, torch.Tensor], *, step: int, anchor_opt: Any, bank_opt: Any,
-                 engine: Engine, rank: int = 0, world: int = 1, groups: int = 1) -> torch.Tensor:
-        """Run one step; returns the detached loss (no host sync). Optimizers not trained are None."""
+                 engine: Engine, rank: int = 0, world: int = 1, groups: int = 1) -> torch.Tensor | None:
+        """Run one step; returns the detached loss (no host sync), or None when the engine dropped the update (the
+        non-finite guard's skip mode). Optimizers not trained are None."""
         self.set_learning_rates(step, anchor_opt, bank_opt)
         if anchor_opt is not None:
             anchor_opt.zero_grad(set_to_none=True)
         loss = self.loss(batch, step=step, rank=rank, world=world, groups=groups)
         engine.backward(loss)
+        if engine.drop_update():
+            # no optimizer may see this batch: the anchor's gradients are cleared by the next step's zero_grad, the
+            # bank's fetched blocks and their gradients are released here
+            if self.model.store is not None:
+                self.model.store.discard_fetched()
+            return None
         clip = self.recipe.optim.anchor.grad_clip
         if anchor_opt is not None and clip > 0:
             engine.clip(anchor_opt, clip)
