@@ -13,7 +13,7 @@ MFU counts model FLOPs only (PaLM appendix B): 6·N per token for the N matmul p
 from __future__ import annotations
 
 import contextlib
-import json
+import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +24,7 @@ import torch
 from ..config import Recipe
 from ..model import MemoryLM, build_anchor, build_layout, build_store
 from ..train.step import BankOptimizer, PlainEngine, TrainStep, build_anchor_optimizer
+from ..utils import write_json
 
 # dense bf16 peak (TFLOP/s) by device name; used for MFU
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -141,6 +142,7 @@ def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, w
         "branching": recipe.index.router.branching,
         "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
         "batch": b, "seq_len": t, "steps": steps, "doc_mask": recipe.data.doc_mask,
+        "compile_mode": recipe.trainer.compile_mode if compile else None,
         "step_ms": round(1000 * seconds / steps, 2),
         "tokens_per_s": round(tps, 1),
         "tflops_per_s": round(tps * fpt / 1e12, 2),
@@ -205,15 +207,15 @@ def measure_or_oom(recipe: Recipe, **kw) -> dict[str, Any]:
 
 
 def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,
-              device: torch.device, compile: bool = False) -> list[dict[str, Any]]:
-    """Memory rows of the tiered store: one per tier plan (`auto`, `host`, `device,device,host`, ...) at the recipe's
-    branching, then a bank-size sweep (same fetch size, bank grown by the branching k) with the first plan."""
-    rows = []
+              device: torch.device, compile: bool = False) -> Iterator[dict[str, Any]]:
+    """Memory rows of the tiered store, each as soon as it is measured: one per tier plan (`auto`, `host`,
+    `device,device,host`, ...) at the recipe's branching, then a bank-size sweep (same fetch size, bank grown by the
+    branching k) with the first plan."""
     for spec in tiers:
         plan: Any = spec.split(",") if "," in spec else spec
         r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
-        rows.append(measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup,
-                                   device=device, compile=compile))
+        yield measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
+                             compile=compile)
     for k in branchings:
         plan = tiers[0].split(",") if tiers and "," in tiers[0] else (tiers[0] if tiers else "auto")
         r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan),
@@ -221,26 +223,32 @@ def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: 
         row = measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
                              compile=compile)
         row["sweep"] = "bank size"
-        rows.append(row)
-    return rows
+        yield row
 
 
 def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
               out: Path | None = None, compile: bool = False, tiers: list[str] | None = None,
               branchings: list[int] | None = None, anchor: bool = True) -> list[dict[str, Any]]:
+    """The anchor alone (first, the baseline of `ratio_vs_anchor`), then memory on each store, then the tiered
+    store's plans. `out` is rewritten after every row, so a run cut short (a deadline, a crash) keeps what it
+    measured."""
     device = bench_device()
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [measure_or_oom(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
-                           compile=compile) for store in ([None] if anchor else []) + list(stores)]
-    if tiers or branchings:
-        rows += tier_rows(recipe, vocab_size=vocab_size, tiers=list(tiers or []), branchings=list(branchings or []),
-                          steps=steps, warmup=warmup, device=device, compile=compile)
-    base = rows[0]["tokens_per_s"] if anchor else None
-    for row in rows:
+
+    def store_rows() -> Iterator[dict[str, Any]]:
+        for store in ([None] if anchor else []) + list(stores):
+            yield measure_or_oom(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup,
+                                 device=device, compile=compile)
+
+    rows: list[dict[str, Any]] = []
+    more = tier_rows(recipe, vocab_size=vocab_size, tiers=list(tiers or []), branchings=list(branchings or []),
+                     steps=steps, warmup=warmup, device=device, compile=compile)
+    for row in itertools.chain(store_rows(), more):
+        base = rows[0]["tokens_per_s"] if anchor and rows else row["tokens_per_s"] if anchor else None
         row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3) if base and row["tokens_per_s"] else None
         row["device"] = device_name(device)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        rows.append(row)
+        if out is not None:
+            write_json(out, rows)
     return rows
 
