@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tier for all levels, or one per level (e.g. 'auto;host;device,device,host')")
     b.add_argument("--branching", default="", help="bank-size sweep: branching factors k to measure at the same "
                    "fetch size with the first --tiers plan (e.g. 2,4,8,16)")
+    b.add_argument("--batches", default="", help="batch sizes to measure each configuration at, built once "
+                   "(e.g. 4,8; default: trainer.batch_size); ratios are against the anchor at the same batch")
     b = bench.add_parser("fit-overhead", help="tokens/s of `hmlm fit` (Lightning, data, logging, checkpoints) vs "
                                               "the bench's training step at the same shape")
     _recipe_args(b)
@@ -160,7 +162,7 @@ def dry_run(recipe, source: str) -> None:
               "memory.disk_dir: training would stop with this plan")
     if rep["bank_levels"]:
         print(f"tier plan: memory.tiers={recipe.memory.tiers} store={recipe.memory.store} "
-              f"optim_state={recipe.memory.optim_state} (on this machine; docs/design.md §8)")
+              f"optim_state={recipe.memory.optim_state} (on this machine; docs/design.md §6)")
 
 
 def _vocab_for(recipe) -> int:
@@ -243,14 +245,15 @@ def _bench(args, recipe) -> int:
     rows = run_bench(recipe, vocab_size=_vocab_for(recipe), stores=[s for s in args.stores.split(",") if s],
                      steps=args.steps, warmup=args.warmup, out=args.out, compile=args.compile,
                      tiers=[t for t in args.tiers.split(";") if t],
-                     branchings=[int(k) for k in args.branching.split(",") if k])
-    table = Table(title=f"training step, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
-    cols = ("config", "bank_params", "step_ms", "tokens_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib")
+                     branchings=[int(k) for k in args.branching.split(",") if k],
+                     batches=[int(b) for b in args.batches.split(",") if b] or None)
+    table = Table(title=f"training step, {rows[0]['device']}, sequences of {rows[0]['seq_len']} tokens")
+    cols = ("config", "batch", "bank_params", "step_ms", "tokens_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib")
     for col in cols:
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
         if r.get("error"):  # e.g. a tier plan that does not fit: the row says so and the others still ran
-            table.add_row(r["config"], "", r["error"].split(":")[0], *[""] * (len(cols) - 3))
+            table.add_row(r["config"], str(r["batch"]), "", r["error"].split(":")[0], *[""] * (len(cols) - 4))
         else:
             table.add_row(*(str(r.get(c)) for c in cols))
     console.print(table)

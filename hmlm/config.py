@@ -98,7 +98,7 @@ class MemoryConfig:
     dtype: str = "float32"       # storage dtype of the bank: float32 | bfloat16
     # where each level lives (store=tiered): `auto` (planned from the memory budgets and each level's size and reuse),
     # one tier for every level (device | host | disk), or a list with one tier per entry of `sizes`. The generic block
-    # always stays on the device. See docs/design.md §8.
+    # always stays on the device. See docs/design.md §6.
     tiers: Any = "auto"
     optim_state: str = "fp32"    # the bank's AdamW moments: fp32 | bf16 (both moments in bfloat16) | factored (bf16 first
                                  # moment, Adafactor-style row x column second moment)

@@ -442,6 +442,39 @@ def test_model_without_checksums_needs_an_explicit_flag(case, tmp_path):
         load_model_dir(model)
 
 
+def test_bank_files_record_cannot_be_edited_away(case):
+    """Model format 2 verifies bank files block by block against model.json `bank_files` (not a file sha256 in
+    `checksums`): a changed, deleted or missing record, or a per-tensor file put in place, is refused."""
+    from safetensors.torch import save_file
+
+    from hmlm.export import ModelDirError, load_model_dir
+
+    model = case.dir / "model"
+    meta_path = model / "model.json"
+    good = json.loads(meta_path.read_text())
+    assert set(good["bank_files"]) == {p.name for p in (model / "bank").iterdir()}
+
+    def refused_with(meta, pattern):
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(ModelDirError, match=pattern):
+            load_model_dir(model)
+
+    tampered = json.loads(json.dumps(good))
+    tampered["bank_files"]["l1.safetensors"]["frame_sha256"] = "0" * 64
+    refused_with(tampered, r"l1\.safetensors: size, header or checksum table differ from what model\.json recorded")
+    dropped = json.loads(json.dumps(good))
+    del dropped["bank_files"]["l0.safetensors"]
+    refused_with(dropped, r"bank/l0\.safetensors: not covered by key `checksums`")
+    refused_with({k: v for k, v in good.items() if k != "bank_files"}, r"bank/\w+\.safetensors: not covered")
+    # the record intact, the file swapped for an unverifiable per-tensor one of the same values
+    meta_path.write_text(json.dumps(good))
+    store = load_model_dir(model).model.store
+    legacy = model / "bank" / "l2.safetensors"
+    save_file({n: t.contiguous() for n, t in store.named_tensors("l2").items()}, str(legacy))
+    refused_with(good, r"l2\.safetensors: not the bank file model\.json recorded")
+    assert load_model_dir(model, verify=False).model.store is not None  # the explicit opt-out still loads it
+
+
 def test_interrupted_replace_is_rolled_back_not_deleted(tmp_path):
     from hmlm.utils import recover_atomic_dir
 

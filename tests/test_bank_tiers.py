@@ -76,6 +76,25 @@ def test_dry_run_prints_tiers_and_bytes(capsys):
     assert lines["optimizer state bytes (host)"] == str(4096 * 860_160 * 4)
 
 
+def test_fit_builds_the_store_with_the_auto_plan(tiny_recipe, tmp_path):
+    """`memory.tiers: auto` is planned from the budgets when the model is built (hmlm fit builds it so): the hot
+    level that fits the device budget goes there, the next one to host RAM, the rest to disk."""
+    from hmlm.model import build_model, size_report
+
+    big = tiny_recipe(**{"memory.tiers": "auto", "memory.device_budget_gb": 1.0, "memory.host_budget_gb": 1.0})
+    levels = size_report(big, 512)["bank_levels"]
+    assert [lvl["tier"] for lvl in levels] == ["device"] * 3
+    need = [lvl["bytes"] + lvl["state_bytes"] for lvl in levels]
+    recipe = tiny_recipe(**{"memory.tiers": "auto", "memory.device_budget_gb": (need[0] + 1) / GiB,
+                            "memory.host_budget_gb": (need[1] + 1) / GiB, "memory.disk_dir": str(tmp_path / "d")})
+    model = build_model(recipe, 512)
+    assert [model.store.tier_of(f"l{i}") for i in range(3)] == ["device", "host", "disk"]
+    assert [lp.tier for lp in model.store.plan if lp.level] == ["device", "host", "disk"]
+    model.store.to_compute(torch.device("cpu"))  # levels are created where the plan put them
+    assert any((tmp_path / "d").iterdir())
+    model.store.close()
+
+
 def layout() -> BankLayout:
     return BankLayout(FFNMemory(), SHAPE, (3, 2, 1), K, (0, 1))
 
@@ -94,7 +113,7 @@ def test_initial_values_identical_on_every_tier(tmp_path):
         s.close()
 
 
-def test_fit_losses_identical_whichever_tier_holds_each_level(tiny_recipe, tmp_path):
+def test_fit_losses_identical_whichever_tier_holds_each_level(tiny_recipe, tmp_path, capsys):
     from hmlm.export import load_model_dir
     from hmlm.train.fit import fit
 
@@ -104,6 +123,7 @@ def test_fit_losses_identical_whichever_tier_holds_each_level(tiny_recipe, tmp_p
                                 "trainer.max_steps": 4, "trainer.ckpt_every": 100, "trainer.val_every": 2,
                                 "memory.tiers": tiers, "memory.io_threads": 2})
         fit(recipe, progress=False, final_eval=False)
+        assert f"bank tiers (memory.tiers={tiers}): l0=" in " ".join(capsys.readouterr().out.split())
         runs[name] = ({int(r["step"]): r["train/loss"] for r in read_metrics(tmp_path / name) if r.get("train/loss")},
                       {int(r["step"]): r["val/ppl_fetched"] for r in read_metrics(tmp_path / name)
                        if r.get("val/ppl_fetched")})

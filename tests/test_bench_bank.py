@@ -32,11 +32,16 @@ def test_bench_train_tiers_and_bank_size_sweep(tmp_path, capsys):
     out = tmp_path / "train.json"
     code = main(["bench", "train", "--recipe", str(REPO / "recipes/quickstart.yaml"), *TINY,
                  f"memory.disk_dir={tmp_path / 'd'}", "--stores", "", "--tiers", "auto;host;device,host,disk",
-                 "--branching", "2,4", "--steps", "2", "--warmup", "1", "--out", str(out)])
+                 "--branching", "2,4", "--steps", "2", "--warmup", "1", "--out", str(out), "--batches", "4,2"])
     assert code == 0, capsys.readouterr().err
     rows = json.loads(out.read_text())
-    assert [r["tiers"] for r in rows] == [None, "device,device,device", "host,host,host", "device,host,disk",
-                                          "device,device,device", "device,device,device"]
+    # every configuration built once and timed at both batch sizes, each ratio against the anchor at its batch
+    assert [(r["tiers"], r["batch"]) for r in rows] == [
+        (t, b) for t in (None, "device,device,device", "host,host,host", "device,host,disk", "device,device,device",
+                         "device,device,device") for b in (4, 2)]
+    anchor = {r["batch"]: r["tokens_per_s"] for r in rows[:2]}
+    assert all(r["ratio_vs_anchor"] == round(r["tokens_per_s"] / anchor[r["batch"]], 3) for r in rows)
+    rows = [r for r in rows if r["batch"] == 4]
     sweep = [r for r in rows if r.get("sweep")]
     assert [r["branching"] for r in sweep] == [2, 4] and sweep[0]["bank_params"] < sweep[1]["bank_params"]
     assert sweep[0]["fetched_params"] == sweep[1]["fetched_params"]

@@ -10,7 +10,7 @@ Optimizer state kinds (`memory.optim_state`):
     bf16      m and v stored in bfloat16, updated in float32 and rounded to nearest (4 bytes per parameter)
     factored  m in bfloat16; v factored per matrix as in Adafactor (row and column means of g^2, v ~ r c^T / mean(r)):
               ~2 bytes per parameter. 1-D tensors keep a full v.
-How far each drifts from fp32 AdamW on a small problem is asserted in tests/test_bank_optim.py (docs/design.md §8).
+How far each drifts from fp32 AdamW on a small problem is asserted in tests/test_bank_optim.py (docs/design.md §6).
 
 `RowUpdater` is the seam for other kernels (a CPU Adam updating host-resident rows in place): the store hands it the
 groups of one step and the clip scale; `lazy_adamw` is the default, on the compute device.

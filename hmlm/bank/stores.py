@@ -113,7 +113,7 @@ class _BlockCache:
 
 
 class TieredStore:
-    """The bank, one level per tier. See the module docstring for the API; docs/design.md §8 for the why."""
+    """The bank, one level per tier. See the module docstring for the API; docs/design.md §6 for the why."""
 
     forced_tier: str | None = None
 
@@ -691,6 +691,9 @@ class TieredStore:
             except SafetensorsError as exc:
                 raise BankFileError(str(exc)) from None
             if (header.get("__metadata__") or {}).get("format") != BANK_FILE_FORMAT:
+                if digests and path.name in digests:  # a per-tensor file has no block checksums to verify
+                    raise BankFileError(f"{path}: not the bank file model.json recorded (a per-tensor file of an "
+                                        "older export in its place, or a damaged header)")
                 self._load_per_tensor(key, level, path, header)
                 continue
             dtype, shape, a0, b0 = tensor_slice(header, "blocks", path)

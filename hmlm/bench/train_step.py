@@ -13,7 +13,6 @@ MFU counts model FLOPs only (PaLM appendix B): 6·N per token for the N matmul p
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -90,76 +89,148 @@ def bench_recipe(recipe: Recipe, store: str | None) -> Recipe:
     return replace(recipe, memory=replace(recipe.memory, store=store), trainer=replace(recipe.trainer, mode=mode))
 
 
-def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
-            device: torch.device, compile: bool = False) -> dict[str, Any]:
-    """Tokens/s of one configuration; store=None measures the anchor alone."""
-    recipe = bench_recipe(recipe, store)
-    torch.manual_seed(recipe.seed)
-    anchor = build_anchor(recipe, vocab_size)
-    layout = build_layout(recipe, anchor)
-    # block values do not change the cost of a step, so skip initialising a multi-billion bank on the CPU
-    model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False, anchor=anchor)).to(device)
-    if model.store is not None:
-        model.store.to_compute(device)
-        if hasattr(model.store, "fill"):
-            model.store.fill(0.0)  # commit host memory and write disk files: reading never-written pages is free
-    step_fn = TrainStep(model, recipe, compile=compile)
-    anchor_opt = build_anchor_optimizer(model.anchor, recipe.optim.anchor) if step_fn.train_anchor else None
-    bank_opt = BankOptimizer(model.store, recipe.optim.memory) if step_fn.train_memory else None
-    engine = PlainEngine()
-    b, t = recipe.trainer.batch_size, recipe.data.seq_len
-    data = synthetic_batches(recipe, vocab_size, device, recipe.seed)
-    prefetch = getattr(model.store, "prefetch", None) if step_fn.train_memory else None
+class _Trainer:
+    """One configuration's model, shared step and optimizers, built once and timed at each batch size."""
+
+    def __init__(self, recipe: Recipe, vocab_size: int, device: torch.device, compile: bool):
+        torch.manual_seed(recipe.seed)
+        anchor = build_anchor(recipe, vocab_size)
+        layout = build_layout(recipe, anchor)
+        # block values do not change the cost of a step, so skip initialising a multi-billion bank on the CPU
+        self.model = MemoryLM(anchor, layout, build_store(recipe, layout, init=False, anchor=anchor)).to(device)
+        store = self.model.store
+        if store is not None:
+            store.to_compute(device)
+            if hasattr(store, "fill"):
+                store.fill(0.0)  # commit host memory and write disk files: reading never-written pages is free
+        self.step_fn = TrainStep(self.model, recipe, compile=compile)
+        self.anchor_opt = (build_anchor_optimizer(self.model.anchor, recipe.optim.anchor)
+                           if self.step_fn.train_anchor else None)
+        self.bank_opt = BankOptimizer(store, recipe.optim.memory) if self.step_fn.train_memory else None
+        self.engine = PlainEngine()
+
+    def step(self, batch: dict[str, torch.Tensor], step: int, device: torch.device) -> torch.Tensor:
+        with autocast(device):
+            return self.step_fn(batch, step=step, anchor_opt=self.anchor_opt, bank_opt=self.bank_opt,
+                                engine=self.engine)
+
+    def forget_step(self) -> None:
+        """After a step that ran out of memory: drop its gradients and fetched blocks."""
+        if self.anchor_opt is not None:
+            self.anchor_opt.zero_grad(set_to_none=True)
+        if self.model.store is not None:
+            self.model.store.discard_fetched()
+
+    def close(self) -> None:
+        if self.model.store is not None and hasattr(self.model.store, "close"):
+            self.model.store.close()
+
+
+def _timed_steps(trainer: _Trainer, recipe: Recipe, *, vocab_size: int, batch_size: int, steps: int, warmup: int,
+                 device: torch.device) -> dict[str, Any]:
+    b, t = batch_size, recipe.data.seq_len
+    shape = replace(recipe, trainer=replace(recipe.trainer, batch_size=b))
+    data = synthetic_batches(shape, vocab_size, device, recipe.seed)
+    prefetch = getattr(trainer.model.store, "prefetch", None) if trainer.step_fn.train_memory else None
     if prefetch is not None:
         data = announced_ahead(data, prefetch)
-
-    def run(step: int) -> torch.Tensor:
-        with autocast(device):
-            return step_fn(next(data), step=step, anchor_opt=anchor_opt, bank_opt=bank_opt, engine=engine)
-
     for i in range(warmup):
-        run(i)
+        trainer.step(next(data), i, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     # batches are drawn inside the timed loop, as fit's loader does (their cost on the host is small)
     t0 = time.perf_counter()
+    loss = torch.tensor(float("nan"))
     for i in range(steps):
-        loss = run(warmup + i)
-    final_loss = float(loss) if steps else float("nan")   # one sync at the end: waits for the queued steps
+        loss = trainer.step(next(data), warmup + i, device)
+    final_loss = float(loss)   # one sync at the end: waits for the queued steps
     seconds = time.perf_counter() - t0
-    tokens = steps * b * t
-    tps = tokens / seconds
+    tps = steps * b * t / seconds
     peak = peak_flops(device)
-    fpt = flops_per_token(model, t)
-    tiers = None
-    if model.store is not None and hasattr(model.store, "tier_of"):
-        tiers = ",".join(model.store.tier_of(f"l{lvl}") for lvl in model.layout.active_levels)
-    out = {
-        "config": row_name(store, compile, tiers if store == "tiered" else None),
-        "tiers": tiers,
-        "optim_state": recipe.memory.optim_state if store is not None else None,
-        "branching": recipe.index.router.branching,
-        "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
-        "batch": b, "seq_len": t, "steps": steps, "doc_mask": recipe.data.doc_mask,
-        "compile_mode": recipe.trainer.compile_mode if compile else None,
+    fpt = flops_per_token(trainer.model, t)
+    return {
+        "batch": b, "seq_len": t, "steps": steps,
         "step_ms": round(1000 * seconds / steps, 2),
         "tokens_per_s": round(tps, 1),
         "tflops_per_s": round(tps * fpt / 1e12, 2),
         "mfu": round(tps * fpt / peak, 4) if peak else None,
-        "anchor_params": sum(p.numel() for p in model.anchor.parameters()),
-        "fetched_params": model.layout.fetched_params() if model.layout else 0,
-        "bank_params": model.layout.bank_params() if model.layout else 0,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
+        "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
         "final_loss": round(final_loss, 4),
     }
-    if model.store is not None and hasattr(model.store, "bytes_by_tier"):
-        out["bank_bytes_by_tier"] = model.store.bytes_by_tier()
-        model.store.close()
-    del model, anchor_opt, bank_opt, step_fn
+
+
+def _oom_message(exc: BaseException) -> str:
+    return f"out of memory: {str(exc).splitlines()[0][:200]}"
+
+
+def _free_after_oom(device: torch.device) -> None:
+    import gc
+
+    gc.collect()  # the failed row's tensors (held by the traceback until here)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return out
+
+
+def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
+                    device: torch.device, compile: bool = False, batches: list[int] | None = None
+                    ) -> list[dict[str, Any]]:
+    """Tokens/s of one configuration at each batch size, the model and bank built once; store=None measures the
+    anchor alone. A batch size (or the build) that runs out of accelerator memory becomes a row with an `error`
+    and the other rows still run."""
+    recipe = bench_recipe(recipe, store)
+    sizes = list(batches or [recipe.trainer.batch_size])
+    common = {"store": store, "optim_state": recipe.memory.optim_state if store is not None else None,
+              "branching": recipe.index.router.branching, "seq_len": recipe.data.seq_len,
+              "doc_mask": recipe.data.doc_mask, "compile_mode": recipe.trainer.compile_mode if compile else None}
+    try:
+        trainer = _Trainer(recipe, vocab_size, device, compile)
+    except torch.cuda.OutOfMemoryError as exc:
+        message = _oom_message(exc)
+    else:
+        message = None
+    if message is not None:
+        _free_after_oom(device)  # outside the except block: its traceback held the half-built model
+        tiers = str(recipe.memory.tiers) if store == "tiered" else None
+        return [{**common, "config": row_name(store, compile, tiers), "tiers": tiers, "batch": b,
+                 "tokens_per_s": None, "error": message} for b in sizes]
+    model = trainer.model
+    tiers = None
+    if model.store is not None and hasattr(model.store, "tier_of"):
+        tiers = ",".join(model.store.tier_of(f"l{lvl}") for lvl in model.layout.active_levels)
+    common.update(config=row_name(store, compile, tiers if store == "tiered" else None), tiers=tiers,
+                  anchor_params=sum(p.numel() for p in model.anchor.parameters()),
+                  fetched_params=model.layout.fetched_params() if model.layout else 0,
+                  bank_params=model.layout.bank_params() if model.layout else 0)
+    if model.store is not None and hasattr(model.store, "bytes_by_tier"):
+        common["bank_bytes_by_tier"] = model.store.bytes_by_tier()
+    rows = []
+    for b in sizes:
+        try:
+            rows.append({**common, **_timed_steps(trainer, recipe, vocab_size=vocab_size, batch_size=b,
+                                                  steps=steps, warmup=warmup, device=device)})
+            message = None
+        except torch.cuda.OutOfMemoryError as exc:
+            message = _oom_message(exc)
+        if message is not None:  # the failed step's activations are free once the except block has ended
+            trainer.forget_step()
+            _free_after_oom(device)
+            rows.append({**common, "batch": b, "tokens_per_s": None, "error": message})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    trainer.close()
+    del trainer, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def measure(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
+            device: torch.device, compile: bool = False) -> dict[str, Any]:
+    """Tokens/s of one configuration at the recipe's batch size (see measure_batches)."""
+    return measure_batches(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup, device=device,
+                           compile=compile)[0]
 
 
 def row_name(store: str | None, compile: bool, tiers: str | None = None) -> str:
@@ -188,67 +259,58 @@ def _rss_bytes() -> int:
     return proc_status_bytes("/proc/self/status", "VmRSS") or 0
 
 
-def measure_or_oom(recipe: Recipe, **kw) -> dict[str, Any]:
-    """`measure`, or a row saying the configuration ran out of accelerator memory (the next rows still run)."""
-    try:
-        return measure(recipe, **kw)
-    except torch.cuda.OutOfMemoryError as exc:
-        message = str(exc).splitlines()[0][:200]
-    import gc
-
-    gc.collect()  # the failed row's model and bank (held by the traceback until here)
-    torch.cuda.empty_cache()
-    store = kw.get("store")
-    return {"config": row_name(store, kw.get("compile", False), str(recipe.memory.tiers) if store == "tiered" else None),
-            "tiers": str(recipe.memory.tiers) if store is not None else None,
-            "branching": recipe.index.router.branching,
-            "batch": recipe.trainer.batch_size, "seq_len": recipe.data.seq_len, "tokens_per_s": None,
-            "error": f"out of memory: {message}"}
+def tiered(recipe: Recipe, spec: str) -> Recipe:
+    """The recipe with the tiered store and a tier plan from the command line: `auto`, one tier for every level,
+    or one per level with memory (`device,device,host`)."""
+    plan: Any = spec.split(",") if "," in spec else spec
+    return replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
 
 
 def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,
-              device: torch.device, compile: bool = False) -> Iterator[dict[str, Any]]:
-    """Memory rows of the tiered store, each as soon as it is measured: one per tier plan (`auto`, `host`,
+              device: torch.device, compile: bool = False,
+              batches: list[int] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Memory rows of the tiered store, one configuration's rows at a time: one per tier plan (`auto`, `host`,
     `device,device,host`, ...) at the recipe's branching, then a bank-size sweep (same fetch size, bank grown by the
     branching k) with the first plan."""
+    kw = dict(vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device, compile=compile,
+              batches=batches)
     for spec in tiers:
-        plan: Any = spec.split(",") if "," in spec else spec
-        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan))
-        yield measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
-                             compile=compile)
+        yield measure_batches(tiered(recipe, spec), **kw)
     for k in branchings:
-        plan = tiers[0].split(",") if tiers and "," in tiers[0] else (tiers[0] if tiers else "auto")
-        r = replace(recipe, memory=replace(recipe.memory, store="tiered", tiers=plan),
-                    index=replace(recipe.index, router=replace(recipe.index.router, branching=k)))
-        row = measure_or_oom(r, vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device,
-                             compile=compile)
-        row["sweep"] = "bank size"
-        yield row
+        r = tiered(recipe, tiers[0] if tiers else "auto")
+        r = replace(r, index=replace(r.index, router=replace(r.index.router, branching=k)))
+        yield [{**row, "sweep": "bank size"} for row in measure_batches(r, **kw)]
+
+
+def add_ratios(rows: list[dict[str, Any]], device: torch.device) -> None:
+    """Each row's throughput against the anchor alone at the same batch size, measured in the same run."""
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r.get("store", "") is None and r.get("tokens_per_s")}
+    for row in rows:
+        b = base.get(row["batch"])
+        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / b, 3) if b and row.get("tokens_per_s") else None
+        row["device"] = device_name(device)
 
 
 def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
               out: Path | None = None, compile: bool = False, tiers: list[str] | None = None,
-              branchings: list[int] | None = None, anchor: bool = True) -> list[dict[str, Any]]:
-    """The anchor alone (first, the baseline of `ratio_vs_anchor`), then memory on each store, then the tiered
-    store's plans. `out` is rewritten after every row, so a run cut short (a deadline, a crash) keeps what it
+              branchings: list[int] | None = None, anchor: bool = True,
+              batches: list[int] | None = None) -> list[dict[str, Any]]:
+    """The anchor alone (the baseline of `ratio_vs_anchor`), then memory on each store, then the tiered store's
+    plans. `out` is rewritten after every configuration, so a run cut short (a deadline, a crash) keeps what it
     measured."""
     device = bench_device()
     torch.backends.cuda.matmul.allow_tf32 = True
+    kw = dict(vocab_size=vocab_size, steps=steps, warmup=warmup, device=device, compile=compile, batches=batches)
 
-    def store_rows() -> Iterator[dict[str, Any]]:
+    def groups() -> Iterator[list[dict[str, Any]]]:
         for store in ([None] if anchor else []) + list(stores):
-            yield measure_or_oom(recipe, vocab_size=vocab_size, store=store, steps=steps, warmup=warmup,
-                                 device=device, compile=compile)
+            yield measure_batches(recipe, store=store, **kw)
+        yield from tier_rows(recipe, tiers=list(tiers or []), branchings=list(branchings or []), **kw)
 
     rows: list[dict[str, Any]] = []
-    more = tier_rows(recipe, vocab_size=vocab_size, tiers=list(tiers or []), branchings=list(branchings or []),
-                     steps=steps, warmup=warmup, device=device, compile=compile)
-    for row in itertools.chain(store_rows(), more):
-        base = rows[0]["tokens_per_s"] if anchor and rows else row["tokens_per_s"] if anchor else None
-        row["ratio_vs_anchor"] = round(row["tokens_per_s"] / base, 3) if base and row["tokens_per_s"] else None
-        row["device"] = device_name(device)
-        rows.append(row)
+    for group in groups():
+        rows += group
+        add_ratios(rows, device)
         if out is not None:
             write_json(out, rows)
     return rows
-

@@ -138,6 +138,11 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
         console.print("[yellow]fit[/] no validation split (data.val_fraction=0): training without validation or "
                       "held-out perplexity")
     module, dm = _build(recipe, state, index_dir, source, with_val=n_val > 0)
+    plan = getattr(module.model.store, "plan", None)
+    if plan:  # where each level went (memory.tiers: auto decides from this machine's memory budgets)
+        from ..bank.tiers import describe
+
+        console.print(f"[bold]fit[/] bank tiers (memory.tiers={recipe.memory.tiers}): {describe(plan)}")
 
     # everything that can be checked has been: only now does the previous run (--overwrite) or a checkpoint newer than
     # the one resumed from make way, and only until the first new checkpoint if training fails

@@ -245,7 +245,7 @@ class HMLMModule(L.LightningModule):
                 save_file({k: v.detach().cpu().contiguous() for k, v in store.state_dict().items()}, str(tmp))
             checkpoint["hmlm_bank_ranks"] = {"step": self.global_step, "world": world}
         elif store is not None:
-            # the bank is not pickled into the checkpoint: per-level files beside it (docs/design.md §8), written
+            # the bank is not pickled into the checkpoint: per-level files beside it (docs/design.md §6), written
             # before Lightning writes the checkpoint that names them
             rel = f"bank/step-{self.global_step:06d}"
             manifest = store.save_checkpoint(self._bank_checkpoint_dir(rel), self.global_step)
