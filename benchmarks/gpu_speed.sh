@@ -58,7 +58,7 @@ elif ! "$py" -c "import omegaconf" 2>/dev/null; then
   "$py" -m pip install -q --no-index --find-links "${HMLM_WHEELS:-.whl}" omegaconf \
     || { echo "gpu_speed: omegaconf is missing; carry its wheel (and antlr4-python3-runtime) in ${HMLM_WHEELS:-.whl}" >&2; exit 2; }
 fi
-if [ "$dry" = 0 ] && ! "$py" -c "import hmlm.registry as r; r.get('anchors', 'openlm')" 2>/dev/null; then
+if [ "$dry" = 0 ] && ! "$py" -c "from hmlm import registry; registry.get('stores', 'tiered')" 2>/dev/null; then
   "$py" -m pip install -q --no-deps --no-build-isolation -e . \
     || { echo "gpu_speed: could not install hmlm (pip install --no-deps -e .)" >&2; exit 2; }
 fi
