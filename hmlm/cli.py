@@ -111,13 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--stores", default="device,host", help="bank stores to measure besides the anchor baseline")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    b.add_argument("--compile", action="store_true", help="torch.compile the anchor")
+    b.add_argument("--compile", action="store_true", help="torch.compile the training step (trainer.compile)")
     b.add_argument("--tiers", default="", help="tier plans of the tiered store to measure, ';'-separated: auto, one "
                    "tier for all levels, or one per level (e.g. 'auto;host;device,device,host')")
     b.add_argument("--branching", default="", help="bank-size sweep: branching factors k to measure at the same "
                    "fetch size with the first --tiers plan (e.g. 2,4,8,16)")
     b.add_argument("--batches", default="", help="batch sizes to measure each configuration at, built once "
                    "(e.g. 4,8; default: trainer.batch_size); ratios are against the anchor at the same batch")
+    b = bench.add_parser("fit-overhead", help="tokens/s of `hmlm fit` (Lightning, data, logging, checkpoints) vs "
+                                              "the bench's training step at the same shape")
+    _recipe_args(b)
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--compile", action="store_true", help="torch.compile the training step (trainer.compile)")
     b = bench.add_parser("fetch", help="route + fetch latency of one memory per tier plan: cold, warm, cached")
     _recipe_args(b)
     b.add_argument("--tiers", default="device;host;host,host,disk",
@@ -224,6 +231,18 @@ def _bench(args, recipe) -> int:
                   out_dir=args.out_dir, tasks=tasks, limit=args.limit, console=console)
         return 0
 
+    if args.bench == "fit-overhead":
+        from .bench.fit_overhead import run_fit_overhead
+
+        rows = run_fit_overhead(recipe, vocab_size=_vocab_for(recipe), steps=args.steps, warmup=args.warmup,
+                                compile=args.compile, out=args.out)
+        table = Table(title=f"fit vs bench, {rows[0]['device']}, batch {rows[0]['batch']} x {rows[0]['seq_len']}")
+        for col in ("config", "step_ms", "tokens_per_s", "ratio_vs_bench"):
+            table.add_column(col, justify="left" if col == "config" else "right")
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in ("config", "step_ms", "tokens_per_s", "ratio_vs_bench")))
+        console.print(table)
+        return 0
     if args.bench == "bank-io":
         from .bench.bank_io import run_bank_io
 

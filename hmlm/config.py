@@ -135,6 +135,10 @@ class OptimGroups:
     memory: OptimConfig = field(default_factory=_memory_optim)
 
 
+# torch.compile modes for trainer.compile_mode ("default" = torch.compile's own default)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class NonFiniteConfig:
     skip: int = 0                # batches with a non-finite loss/gradient to skip (no update) before stopping; 0 = stop
@@ -157,7 +161,8 @@ class TrainerConfig:
     ckpt_every: int = 200        # steps between checkpoints
     keep_last: int = 3           # step-*.ckpt files kept (the newest), besides last.ckpt; bounds the disk a run uses
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
-    compile: bool = False
+    compile: bool = False        # torch.compile the training step's forward + loss (and so its backward)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     eval_every: int = 0          # steps between in-training knowledge evals (hmlm.eval.callback); 0 = off
     eval_tasks: list[str] = field(default_factory=lambda: ["hmlm_atomic_number"])
     eval_memory: list[str] = field(default_factory=lambda: ["fetched", "none"])
@@ -384,6 +389,8 @@ def validate(r: Recipe, source: str) -> None:
     if r.anchor.name == "hf" and r.data.doc_mask:
         bad("data.doc_mask", "the hf anchor has no per-document attention mask; set data.doc_mask: false "
                              "(the paper trains post-hoc memories without it)")
+    if r.trainer.compile_mode not in COMPILE_MODES:
+        bad("trainer.compile_mode", f"got {r.trainer.compile_mode!r}, expected one of {', '.join(COMPILE_MODES)}")
     if r.trainer.batch_size < 1:
         bad("trainer.batch_size", f"must be >= 1, got {r.trainer.batch_size}")
     _validate_budget_and_io(r, bad)

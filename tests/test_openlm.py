@@ -69,8 +69,8 @@ def test_tied_and_untied_heads() -> None:
 def test_init_scales() -> None:
     m = small(n_layers=8, d_model=256, n_heads=8, head_dim=32, ffn_dim=512)
     std = 0.02
-    assert m.blocks[0].attn.q_proj.weight.std().item() == pytest.approx(std, rel=0.05)
-    assert m.blocks[3].ffn.w1.weight.std().item() == pytest.approx(std, rel=0.05)
+    for part in (*m.blocks[0].attn.qkv.weight.chunk(3), *m.blocks[3].ffn.w12.weight.chunk(2)):
+        assert part.std().item() == pytest.approx(std, rel=0.05)
     for w in (m.blocks[0].attn.o_proj.weight, m.blocks[5].ffn.w3.weight):
         assert w.std().item() == pytest.approx(std / math.sqrt(16), rel=0.05)
     assert torch.equal(m.blocks[0].attn.q_norm.weight, torch.ones(256))

@@ -14,12 +14,19 @@ at 0 for each document, so a document gets the same logits packed or alone.
 Cached keys and values: with `cache=KVCache()` the new tokens also attend to every position the cache holds (their
 RoPE positions continue after them) and the cache is extended with the new tokens, so a shared context is computed
 once for all of its continuations (multiple-choice scoring) or for every next token (decoding).
+
+Speed (docs/benchmarks.md): q/k/v and SwiGLU gate/up are one matmul each (`qkv`, `w12`; model directories written
+before the fusion load through a state-dict pre-hook), norms use the fused `F.rms_norm` kernel, RoPE runs in the
+activation dtype with fp32-computed tables, attention without documents is causal SDPA (flash on CUDA), and with
+documents either SDPA with a dense [B,1,T,T] mask (eager) or flex attention with a block mask (under torch.compile,
+where flex attention is fused; it skips the blocks no document crosses). `hidden_states` + `output_weight` let the
+loss (hmlm.loss) fuse the head with a chunked cross-entropy instead of materialising logits for the whole batch.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +77,11 @@ _OVERRIDES = ("n_layers", "d_model", "n_heads", "head_dim", "ffn_dim", "tied_emb
 
 
 class RMSNorm(nn.Module):
-    """Weight-only RMSNorm; statistics in float32 so bf16 activations do not lose precision."""
+    """Weight-only RMSNorm via the fused `F.rms_norm` kernel (statistics accumulate in float32 inside it).
+
+    The weight is cast to the input's dtype because the fused kernel needs matching dtypes (a float32 weight on a
+    bf16 input falls back to the unfused composite with a warning); for float32 inputs nothing changes.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -78,9 +89,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,11 +105,12 @@ def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, dh] by cos/sin broadcastable to it; result in x's dtype."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    """Rotate x [B, H, T, dh] by cos/sin broadcastable to it, in x's dtype (pass tables already in that dtype).
+
+    rotate-half form: x·cos + (-x2, x1)·sin; the tables are computed in float32 (rope_tables) and rounded once.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +125,45 @@ def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     causal = idx[None, :] <= idx[:, None]                                     # [T, T]: j <= i
     same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
     mask = (same & causal) | torch.eye(T, dtype=torch.bool, device=doc_ids.device)
-    positions = mask.sum(-1) - 1
-    return mask.unsqueeze(1), positions
+    return mask.unsqueeze(1), document_positions(doc_ids)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's index among the earlier tokens of its document ([B, T]; 0 for padding, doc id < 0).
+
+    Equal to the row sums of `document_mask` minus one, in O(T log T) instead of O(T^2): a stable sort by document
+    groups each document's tokens in order, and a token's rank inside its group is its position.
+    """
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    # padding tokens get a group of their own (rank 0), keyed above every document id
+    group = torch.where(doc_ids >= 0, doc_ids, doc_ids.max() + 1 + idx)
+    order = torch.sort(group, dim=1, stable=True).indices
+    sorted_group = group.gather(1, order)
+    starts = torch.ones_like(sorted_group, dtype=torch.bool)
+    starts[:, 1:] = sorted_group[:, 1:] != sorted_group[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return torch.empty_like(idx).scatter_(1, order, idx - first)
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        return False
+    return True
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> Any:
+    """flex attention BlockMask of `document_mask` (same rule, computed per block: fully masked blocks are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return ((doc_ids[b, q] == doc_ids[b, kv]) & (doc_ids[b, q] >= 0) & (kv <= q)) | (q == kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
 
 
 class KVCache:
@@ -154,34 +201,41 @@ class Attention(nn.Module):
     def __init__(self, cfg: OpenLMConfig):
         super().__init__()
         inner = cfg.n_heads * cfg.head_dim
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, inner, bias=False)
+        self.n_heads, self.head_dim, self.inner = cfg.n_heads, cfg.head_dim, inner
+        # q, k and v in one matmul: rows [0, inner) are q, then k, then v (the old q_proj/k_proj/v_proj stacked)
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=False)
         # QK-norm over the full projection width (OpenLM style), not per head
         self.q_norm: nn.Module = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm: nn.Module = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.register_load_state_dict_pre_hook(_stack_legacy("qkv", ("q_proj", "k_proj", "v_proj")))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # [B, T, H*dh] -> [B, H, T, dh]
         B, T, _ = t.shape
         return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Any,
                 memory: MemoryContext | None, layer: int, cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q, k, v = self.qkv(h).split(self.inner, dim=-1)
         if memory is not None:
             q, k, v = (_plus(t, memory.delta(site, layer, h))
                        for t, site in ((q, "attn_q"), (k, "attn_k"), (v, "attn_v")))
         q, k, v = self._heads(self.q_norm(q)), self._heads(self.k_norm(k)), self._heads(v)
         q_pre_rope = q
+        cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # lets CUDA pick flash attention
-        else:
+        elif isinstance(mask, torch.Tensor):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            # contiguous heads: inductor's flex lowering mis-reads (CPU, torch 2.13) or rejects permuted views of
+            # fused producers; one copy per tensor, which inductor folds into the producer's kernel
+            out = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask)
         if memory is not None:
             out = _plus(out, memory.delta("attn_kv", layer, q_pre_rope))
         B, H, T, dh = out.shape
@@ -195,17 +249,30 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: OpenLMConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # gate
-        self.w2 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # up
-        self.w3 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
+        self.ffn_dim = cfg.ffn_dim
+        self.w12 = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=False)  # gate (rows [0, ffn_dim)) and up, one matmul
+        self.w3 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)       # down
+        self.register_load_state_dict_pre_hook(_stack_legacy("w12", ("w1", "w2")))
 
     def forward(self, x: torch.Tensor, memory: MemoryContext | None = None, layer: int = 0) -> torch.Tensor:
+        gate, up = self.w12(x).split(self.ffn_dim, dim=-1)
         if memory is None:
-            return self.w3(F.silu(self.w1(x)) * self.w2(x))
-        gate = _plus(self.w1(x), memory.delta("ffn_gate", layer, x))
-        up = _plus(self.w2(x), memory.delta("ffn_up", layer, x))
+            return self.w3(F.silu(gate) * up)
+        gate = _plus(gate, memory.delta("ffn_gate", layer, x))
+        up = _plus(up, memory.delta("ffn_up", layer, x))
         hidden = F.silu(gate) * up
         return _plus(self.w3(hidden), memory.delta("ffn_down", layer, hidden))
+
+
+def _stack_legacy(fused: str, parts: tuple[str, ...]) -> Callable[..., None]:
+    """A load_state_dict pre-hook: weights saved before the fusion (separate `parts`) load into `fused`, stacked."""
+
+    def hook(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        keys = [f"{prefix}{p}.weight" for p in parts]
+        if all(k in state_dict for k in keys) and f"{prefix}{fused}.weight" not in state_dict:
+            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(k) for k in keys], dim=0)
+
+    return hook
 
 
 class Block(nn.Module):
@@ -217,9 +284,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Any,
                 memory: MemoryContext | None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, memory, self.layer, cache)
+        x = x + self.attn(self.attn_norm(x), rope, mask, memory, self.layer, cache)
         h = self.ffn_norm(x)
         out = self.ffn(h, memory, self.layer)
         if memory is not None:
@@ -229,6 +296,13 @@ class Block(nn.Module):
 
 def _plus(t: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return t if delta is None else t + delta
+
+
+def _activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmul outputs have here: the autocast dtype when autocast is on for x's device, else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class OpenLMAnchor(nn.Module):
@@ -245,6 +319,8 @@ class OpenLMAnchor(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tied_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # packed documents under torch.compile: flex attention (True) or SDPA with a dense mask (False, to compare)
+        self.flex_attention = True
         self.reset_parameters()
 
     @classmethod
@@ -262,13 +338,19 @@ class OpenLMAnchor(nn.Module):
         return cls(config)
 
     def reset_parameters(self) -> None:
-        """normal(0, init_std) for matrices; residual output projections scaled by 1/sqrt(2 L) (GPT-2)."""
+        """normal(0, init_std) for matrices; residual output projections scaled by 1/sqrt(2 L) (GPT-2).
+
+        A fused projection is drawn part by part (q, k, v; gate, up) in the order of the separate modules it
+        replaced, so a seed gives the same initial weights as before the fusion.
+        """
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_out = name.endswith("attn.o_proj") or name.endswith("ffn.w3")
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
+                parts = 3 if name.endswith("attn.qkv") else 2 if name.endswith("ffn.w12") else 1
+                for part in module.weight.data.chunk(parts, dim=0):
+                    nn.init.normal_(part, mean=0.0, std=out_std if is_out else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         # lm_head (when untied) was drawn above; when tied it is tok_emb.weight, drawn once more is harmless
@@ -281,14 +363,20 @@ class OpenLMAnchor(nn.Module):
         """An empty cache for `forward(..., cache=)`."""
         return KVCache()
 
-    def forward(self, input_ids: torch.Tensor, *, memory: MemoryContext | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def output_weight(self) -> torch.Tensor:
+        """The head's weight [V, d]: logits = hidden_states(...) @ output_weight().T (hmlm.loss fuses this)."""
+        return self.lm_head.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, *, memory: MemoryContext | None = None,
+                      doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, d] that the head turns into logits."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         past = 0 if cache is None else cache.length
         if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids (packed documents) and cache= cannot be combined")
+        mask: Any
         if doc_ids is None:
             # causal over the cached positions and the new ones; None lets SDPA use its own causal kernel
             mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool,
@@ -297,15 +385,26 @@ class OpenLMAnchor(nn.Module):
         else:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {(B, T)}")
-            mask, positions = document_mask(doc_ids.to(input_ids.device))        # [B,1,T,T], [B,T]
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_base)
-        # broadcast over heads: [T, dh] -> [1, 1, T, dh]; [B, T, dh] -> [B, 1, T, dh]
-        cos, sin = (c.unsqueeze(-3) if c.dim() == 3 else c[None, None] for c in (cos, sin))
-
+            doc_ids = doc_ids.to(input_ids.device)
+            positions = document_positions(doc_ids)                            # [B, T]
+            # flex attention only where it is fused, inside torch.compile (eager flex materialises the scores), and
+            # where it has a backward (CUDA; torch's CPU flex attention is forward-only)
+            flex = (self.flex_attention and torch.compiler.is_compiling() and _flex_available()
+                    and (doc_ids.is_cuda or not torch.is_grad_enabled()))
+            mask = document_block_mask(doc_ids) if flex else document_mask(doc_ids)[0]
         x = self.tok_emb(input_ids)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_base)
+        # tables in the dtype q/k will have (bf16 under autocast), rounded once per forward instead of per layer;
+        # broadcast over heads: [T, dh] -> [1, 1, T, dh]; [B, T, dh] -> [B, 1, T, dh]
+        dtype = _activation_dtype(x)
+        rope = tuple((c.unsqueeze(-3) if c.dim() == 3 else c[None, None]).to(dtype) for c in (cos, sin))
         for block in self.blocks:
-            x = block(x, cos, sin, mask, memory, cache)
-        return self.lm_head(self.norm(x))
+            x = block(x, rope, mask, memory, cache)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, *, memory: MemoryContext | None = None,
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, memory=memory, doc_ids=doc_ids, cache=cache))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from ..data.packing import SequenceShards
+from ..loss import lm_nll
 from ..model import MEMORY_MODES
 
 
@@ -46,11 +46,10 @@ def heldout_perplexity(loaded, index_dir: Path, *, batch_size: int = 16, modes: 
             labels = batch["labels"]
             n = int((labels != -100).sum())
             for mode in modes:
-                with autocast:
-                    logits = loaded.model(batch["input_ids"], paths=batch["path"], memory=mode,
-                                          doc_ids=batch["doc_ids"] if use_doc_ids else None)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                       reduction="sum")
+                with autocast:   # the training loss's fused head + chunked cross-entropy (hmlm.loss), summed
+                    loss = lm_nll(loaded.model.anchor, batch["input_ids"], labels, (labels != -100).float(),
+                                  memory=loaded.model.memory_context(batch["path"], mode),
+                                  doc_ids=batch["doc_ids"] if use_doc_ids else None)
                 nll[mode] += float(loss)
             count += n
             bar.advance(task)

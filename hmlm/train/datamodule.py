@@ -96,16 +96,21 @@ class ShardDataModule(L.LightningDataModule):
             ranks = [rank] if world > 1 else list(range(self.subtree_plan.world))
             sampler = SubtreeSampler(self.subtree_plan, self.seed, self.batch_size, ranks=ranks, start_step=step)
             loader = DataLoader(self.train_set, batch_size=self.batch_size * len(ranks), sampler=sampler,
-                                num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+                                drop_last=True, **self._loader_options())
         else:
             sampler = StreamSampler(len(self.train_set), self.seed, start=step * self.batch_size * world,
                                     rank=rank, world=world)
-            loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
-                                num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+            loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                **self._loader_options())
         if self.announce is None:
             return loader
         return AnnouncingLoader(loader, self.announce)  # type: ignore[return-value]
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, **self._loader_options())
+
+    def _loader_options(self) -> dict:
+        # pinned host batches make the copy to a GPU asynchronous (the step need not wait for it); no use on CPU
+        return dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                    pin_memory=torch.cuda.is_available())

@@ -33,7 +33,7 @@ from .errors import FitError, short_reason
 from .guard import NonFiniteGuard, first_nonfinite_weight
 from .module import HMLMModule
 from .preflight import RunState, check_run_state, check_state_fits, index_vocab, model_stamp, precision_for, preflight
-from .progress import StepProgressBar, quiet_lightning_adverts
+from .progress import StepProgressBar, quiet_lightning_noise
 from .rundir import RunDir, is_primary_process
 
 __all__ = ["FitError", "fit", "init_anchor_from"]
@@ -89,13 +89,14 @@ def _tensorboard_available() -> bool:
 
 def fit(recipe: Recipe, *, resume: bool | str = False, overwrite: bool = False, verify: bool = True,
         source: str | None = None, console: Console | None = None, progress: bool = True,
-        final_eval: bool = True) -> dict[str, Any]:
+        final_eval: bool = True, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train `recipe`; returns what fit_result.json holds.
 
     resume: False (a new run), True (the newest checkpoint of out_dir that verifies) or a checkpoint file name or path.
     overwrite: a new run over an existing one (moved aside until the new one's first checkpoint, see rundir).
     verify: check checksums of the index, the checkpoint and anchor.init_from (False trusts files without them).
     source: the recipe file, named in error messages (the CLI passes it).
+    callbacks: extra Lightning callbacks (e.g. `hmlm bench fit-overhead`'s timer).
     """
     console = console or Console()
     source = source or f"recipe {recipe.name!r}"
@@ -115,7 +116,8 @@ def fit(recipe: Recipe, *, resume: bool | str = False, overwrite: bool = False, 
                                 primary=primary, command=command)
         with use_index(recipe, console, verify=verify and primary, progress=progress) as index_dir:
             result = _train(recipe, state, index_dir, run, overwrite=overwrite, console=console, source=source,
-                            verify=verify, progress=progress, final_eval=final_eval, t0=t0)
+                            verify=verify, progress=progress, final_eval=final_eval, t0=t0,
+                            extra_callbacks=callbacks or [])
         failed = False
         return result
     finally:
@@ -125,7 +127,7 @@ def fit(recipe: Recipe, *, resume: bool | str = False, overwrite: bool = False, 
 
 def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None, *, overwrite: bool,
            console: Console, source: str, verify: bool, progress: bool, final_eval: bool,
-           t0: float) -> dict[str, Any]:
+           t0: float, extra_callbacks: list[Any]) -> dict[str, Any]:
     out_dir = Path(recipe.out_dir)
     index_meta = read_index_meta(index_dir)
     if index_meta["seq_len"] != recipe.data.seq_len:
@@ -153,12 +155,11 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
             tmp.write_text(to_yaml(recipe), encoding="utf-8")
     guard = NonFiniteGuard(skip=recipe.trainer.nonfinite.skip, check_every=recipe.trainer.log_every, source=source,
                            datamodule=dm, console=console)
-    trainer = _trainer(recipe, state, guard, run, validate=n_val > 0 and recipe.trainer.val_batches > 0,
-                       verify=verify, progress=progress, console=console)
+    trainer = _trainer(recipe, state, [guard, *extra_callbacks], run,
+                       validate=n_val > 0 and recipe.trainer.val_batches > 0, verify=verify, progress=progress,
+                       console=console)
     if recipe.trainer.data_parallel == "subtree":
         _plan_subtrees(recipe, index_dir, trainer, module, dm, console)
-    if recipe.trainer.compile:
-        module.model.anchor = torch.compile(module.model.anchor)
     ckpt_path = None
     if state.resume is not None:
         ckpt_path = str(state.resume.path)
@@ -221,14 +222,15 @@ def _build(recipe: Recipe, state: RunState, index_dir: Path, source: str, *,
     return module, dm
 
 
-def _trainer(recipe: Recipe, state: RunState, guard: NonFiniteGuard, run: RunDir | None, *, validate: bool,
+def _trainer(recipe: Recipe, state: RunState, first_callbacks: list[Any], run: RunDir | None, *, validate: bool,
              verify: bool, progress: bool, console: Console) -> L.Trainer:
     t, out_dir = recipe.trainer, Path(recipe.out_dir)
     # the newest keep_last step checkpoints are kept ("step" is a monitor Lightning always provides), plus last.ckpt
     ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step-{step:06d}", save_last=True,
                               every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max",
                               auto_insert_metric_name=False)
-    callbacks: list[Any] = [guard, RecipeStamp(model_stamp(recipe)), ckpt_cb]
+    # first_callbacks: the non-finite guard (before the checkpoint callback: it checks before anything is written)
+    callbacks: list[Any] = [*first_callbacks, RecipeStamp(model_stamp(recipe)), ckpt_cb]
     if t.eval_every > 0:
         from ..eval.callback import BucketEvalCallback
 
@@ -236,7 +238,7 @@ def _trainer(recipe: Recipe, state: RunState, guard: NonFiniteGuard, run: RunDir
                                             limit=t.eval_limit, batch_size=t.batch_size))
     if progress:
         callbacks.append(StepProgressBar(leave=True))
-    quiet_lightning_adverts()
+    quiet_lightning_noise()
     segment = state.log_segment
     loggers: list[Any] = [CSVLogger(out_dir, name="logs", version=segment)]
     if _tensorboard_available():

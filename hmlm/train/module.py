@@ -9,41 +9,60 @@ Exactly one Lightning-wrapped optimizer steps per batch (the anchor's, or in `me
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics.text import Perplexity
+from torchmetrics import Metric
 
 from ..config import Recipe
+from ..loss import lm_nll
 from ..model import MemoryLM
-from .schedule import cosine_lr
+from .step import BankOptimizer, TrainStep, build_anchor_optimizer
 
 
-class BankOptimizer(torch.optim.Optimizer):
-    """Adapter that lets Lightning drive the bank's lazy AdamW like any optimizer (lr lives in param_groups)."""
+class HeldoutPerplexity(Metric):
+    """exp(Σ NLL / Σ tokens) over an epoch, from per-batch sums (summed across ranks): no logits needed."""
 
-    def __init__(self, module: "HMLMModule"):
-        self._module = module
-        cfg = module.recipe.optim.memory
-        # torch optimizers need one parameter; this placeholder never receives a gradient
-        super().__init__([torch.zeros((), requires_grad=True)], {"lr": cfg.lr})
-        self.last_stats: dict[str, float] = {}
+    full_state_update = False
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
-        cfg = self._module.recipe.optim.memory
-        store, sync = self._module.model.store, self._module.bank_sync
-        # subtree-parallel: scale to the global loss, reduce shared blocks in their owner groups, clip by the global norm
-        norm = sync.reduce(store, global_norm=cfg.grad_clip > 0) if sync is not None else None
-        self.last_stats = store.step(lr=self.param_groups[0]["lr"], weight_decay=cfg.weight_decay,
-                                     beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip,
-                                     grad_norm=norm)
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, count: torch.Tensor) -> None:  # type: ignore[override]
+        self.nll += nll.double()
+        self.count += count.double()
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll / self.count.clamp(min=1.0))
+
+
+class _LightningEngine:
+    """The shared step's backward / clipping / optimizer steps through Lightning (precision and strategy plugins)."""
+
+    def __init__(self, module: L.LightningModule):
+        self.module = module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.manual_backward(loss)  # runs the callbacks' backward hooks: the non-finite guard's among them
+
+    def drop_update(self) -> bool:
+        """The non-finite guard (hmlm.train.guard, trainer.nonfinite.skip) rejected this batch after backward."""
+        drop, self.module.skip_update = self.module.skip_update, False
+        return drop
+
+    def clip(self, optimizer, max_norm: float) -> None:
+        self.module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def step(self, optimizers) -> None:
+        # exactly one Lightning-wrapped step per batch (it advances global_step): the last optimizer's
+        for opt in optimizers[:-1]:
+            opt.optimizer.step()
+        optimizers[-1].step()
 
 
 class HMLMModule(L.LightningModule):
@@ -52,25 +71,21 @@ class HMLMModule(L.LightningModule):
         self.recipe = recipe
         self.model = model
         self.automatic_optimization = False
-        mode = recipe.trainer.mode
-        self.train_anchor = mode != "memory"
-        self.train_memory = mode != "anchor" and model.has_memory
-        for p in self.model.anchor.parameters():
-            p.requires_grad_(self.train_anchor)
-        k = recipe.index.router.branching
-        p_generic = recipe.memory.generic_prob
-        if p_generic is None:
-            p_generic = 1.0 / (k + 1) if self.train_memory and recipe.memory.generic else 0.0
-        self.generic_prob = p_generic if (model.store is not None and model.store.has_generic) else 0.0
+        # the step shared with `hmlm bench train`; it also decides what trains (it freezes a `memory`-mode anchor)
+        self.step_fn = TrainStep(model, recipe)
+        self.train_anchor, self.train_memory = self.step_fn.train_anchor, self.step_fn.train_memory
+        self.generic_prob = self.step_fn.generic_prob
         self.eval_modes = ("fetched", "generic", "none") if model.has_memory else ("none",)
         if model.has_memory and not model.store.has_generic:
             self.eval_modes = ("fetched", "none")
-        self.train_ppl = Perplexity(ignore_index=-100)
         # trainer.data_parallel=subtree (hmlm.train.affine): fit() sets the plan; setup() builds the rank's side
         self.subtree_plan = None
         self.bank_sync = None
         self.comm_counter = None
-        self.val_ppl = torch.nn.ModuleDict({m: Perplexity(ignore_index=-100) for m in self.eval_modes})
+        self.val_ppl = torch.nn.ModuleDict({m: HeldoutPerplexity() for m in self.eval_modes})
+        self._engine = _LightningEngine(self)
+        # what the progress bar shows: plain floats refreshed on logging steps (a tensor there would sync every step)
+        self.progress_metrics: dict[str, float] = {}
         self.skip_update = False  # set after backward by hmlm.train.guard (trainer.nonfinite.skip): drop this batch
 
     # ------------------------------------------------------------------ setup
@@ -102,16 +117,6 @@ class HMLMModule(L.LightningModule):
         if dm is not None and hasattr(dm, "announce") and self.train_memory and self.model.store is not None \
                 and hasattr(self.model.store, "prefetch"):
             dm.announce = self.model.store.prefetch
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # the bank gathers blocks by paths on the CPU; moving them to the device would cost a sync per step to read
-        # them back
-        if isinstance(batch, dict) and "path" in batch:
-            moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "path"}, device,
-                                                     dataloader_idx)
-            moved["path"] = batch["path"]
-            return moved
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _world(self) -> tuple[int, int]:
         trainer = self._trainer
@@ -153,100 +158,69 @@ class HMLMModule(L.LightningModule):
     def configure_optimizers(self):
         opts: list[torch.optim.Optimizer] = []
         if self.train_anchor:
-            cfg = self.recipe.optim.anchor
-            decay = [p for n, p in self.model.anchor.named_parameters() if p.dim() >= 2]
-            no_decay = [p for n, p in self.model.anchor.named_parameters() if p.dim() < 2]
-            opts.append(torch.optim.AdamW(
-                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps))
+            opts.append(build_anchor_optimizer(self.model.anchor, self.recipe.optim.anchor))
         if self.train_memory:
-            opts.append(BankOptimizer(self))
+            opts.append(BankOptimizer(self.model.store, self.recipe.optim.memory, sync=lambda: self.bank_sync))
         return opts
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Everything but the tree paths goes to the device: the store reads paths on the host (unique blocks,
+        bounds), and a path tensor moved to the GPU and back would make every step wait for the GPU."""
+        if isinstance(batch, dict) and "path" in batch:
+            rest = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "path"}, device,
+                                                    dataloader_idx)
+            return {**rest, "path": batch["path"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ------------------------------------------------------------------ steps
     def _generic_mask(self, batch_size: int) -> torch.Tensor | None:
-        if self.generic_prob <= 0:
-            return None
-        # seeded by the step, not by global RNG state, so resuming reproduces the same draws
-        g = torch.Generator().manual_seed(self.recipe.seed * 7_919 + self.global_step)
-        # one draw for the global batch, each rank its slice: ranks differ, and N ranks equal one process of N*B
         rank, world = self._world()
-        draw = torch.rand(batch_size * world, generator=g)[rank * batch_size:(rank + 1) * batch_size]
-        return draw < self.generic_prob
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        chunks = self._reference_ranks()
-        if chunks > 1:
-            # one process reproducing N subtree ranks: DDP optimises the mean of the per-rank means
-            return torch.stack([F.cross_entropy(lg.float().flatten(0, 1), lb.flatten(), ignore_index=-100)
-                                for lg, lb in zip(logits.chunk(chunks), labels.chunk(chunks))]).mean()
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return self.step_fn.generic_mask(self.global_step, batch_size, rank, world)
 
     def _reference_ranks(self) -> int:
         plan = self.subtree_plan
         return plan.world if plan is not None and self._world()[1] == 1 else 1
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _is_log_step(self, step: int) -> bool:
+        """The steps whose metrics Lightning writes to the loggers (Trainer(log_every_n_steps)); what is logged on
+        other steps is never written, so reading the loss there would be a host sync for nothing."""
+        return (step + 1) % max(1, self.recipe.trainer.log_every) == 0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         step = self.global_step
-        max_steps = self.recipe.trainer.max_steps
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         anchor_opt = opts[0] if self.train_anchor else None
-        if anchor_opt is not None:
-            lr_a = cosine_lr(step, self.recipe.optim.anchor, max_steps)
-            for group in anchor_opt.param_groups:
-                group["lr"] = lr_a
-            anchor_opt.zero_grad(set_to_none=True)
-        if self.train_memory:
-            opts[-1].param_groups[0]["lr"] = cosine_lr(step, self.recipe.optim.memory, max_steps)
-
-        mode = "fetched" if self.train_memory else "none"
-        logits = self.model(batch["input_ids"], paths=batch["path"], memory=mode, doc_ids=self._doc_ids(batch),
-                            generic_mask=self._generic_mask(batch["input_ids"].shape[0]),
-                            grad_memory=self.train_memory)
-        loss = self._loss(logits, batch["labels"])
-        self.manual_backward(loss)
-        if self._skip_this_update():
+        bank_opt = opts[-1] if self.train_memory else None
+        rank, world = self._world()
+        loss = self.step_fn(batch, step=step, anchor_opt=anchor_opt, bank_opt=bank_opt, engine=self._engine,
+                            rank=rank, world=world, groups=self._reference_ranks())
+        if loss is None:  # the non-finite guard dropped this batch (trainer.nonfinite.skip): nothing to log
             return None
-
-        stats: dict[str, Any] = {}
-        if anchor_opt is not None and self.recipe.optim.anchor.grad_clip > 0:
-            self.clip_gradients(anchor_opt, gradient_clip_val=self.recipe.optim.anchor.grad_clip,
-                                gradient_clip_algorithm="norm")
-        # exactly one Lightning-wrapped step per batch: the last optimizer goes through Lightning
-        for opt in opts[:-1]:
-            opt.optimizer.step()
-        opts[-1].step()
-        if self.train_memory:
-            stats.update({f"memory/{k}": v for k, v in opts[-1].optimizer.last_stats.items()})
-        self.train_ppl(logits.detach().float(), batch["labels"])
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)
-        self.log("train/ppl", self.train_ppl, on_step=True, on_epoch=False)
-        if anchor_opt is not None:
-            self.log("lr/anchor", anchor_opt.param_groups[0]["lr"], on_step=True)
-        if self.train_memory:
-            self.log("lr/memory", opts[-1].param_groups[0]["lr"], on_step=True)
-        for key, val in stats.items():
-            self.log(key, val, on_step=True)  # tensors stay on the device until Lightning writes the logs
-        return loss.detach()
-
-    def _skip_this_update(self) -> bool:
-        """The non-finite guard rejected this batch's loss/gradients: no optimizer (anchor or bank) may see them."""
-        if not self.skip_update:
-            return False
-        self.skip_update = False
-        if self.model.store is not None:
-            self.model.store.discard_fetched()
-        return True
+        if self._is_log_step(step):
+            # the only host syncs of a step, and only every log_every steps: reading the loss and the bank's stats
+            value = float(loss)
+            metrics = {"train/loss": value, "train/ppl": math.exp(min(value, 80.0))}
+            if anchor_opt is not None:
+                metrics["lr/anchor"] = anchor_opt.param_groups[0]["lr"]
+            if bank_opt is not None:
+                metrics["lr/memory"] = bank_opt.param_groups[0]["lr"]
+                metrics.update({f"memory/{k}": float(v) for k, v in bank_opt.optimizer.last_stats.items()})
+            self.log_dict(metrics, on_step=True, on_epoch=False)
+            self.progress_metrics = {"loss": value}
+        return loss
 
     def _doc_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        return batch["doc_ids"] if self.recipe.data.doc_mask else None
+        return self.step_fn.doc_ids(batch)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        labels = batch["labels"]
+        valid = (labels != -100).float()
         for mode in self.eval_modes:
-            logits = self.model(batch["input_ids"], paths=batch["path"], memory=mode, doc_ids=self._doc_ids(batch))
-            self.val_ppl[mode](logits.float(), batch["labels"])
+            ctx = self.model.memory_context(batch["path"], mode)
+            nll = lm_nll(self.model.anchor, batch["input_ids"], labels, valid, memory=ctx, doc_ids=self._doc_ids(batch))
+            self.val_ppl[mode](nll, valid.sum())
             self.log(f"val/ppl_{mode}", self.val_ppl[mode], on_step=False, on_epoch=True,
                      prog_bar=mode == self.eval_modes[0])
 
