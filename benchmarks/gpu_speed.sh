@@ -69,12 +69,16 @@ shape=(--recipe recipes/quickstart.yaml anchor.vocab_size=50432 index.router.bra
        'memory.sizes=[256,64,16,0]' memory.dtype=bfloat16 data.seq_len=2048 data.doc_mask=false)
 steps=(--steps 10 --warmup 3)
 
-# run NAME ESTIMATE_S COMMAND...: run it if its estimate fits the time left, else record it as skipped
+# run NAME ESTIMATE_S BUILDER ARGS...: BUILDER (reference/bench) puts the command in CMD; it runs if its estimate fits
+# the time left (else it is recorded as skipped), under `timeout`, which needs a program, not a shell function
 run() {
   local name="$1" est="$2"; shift 2
   local now left t0 rc
+  CMD=()
+  "$@" || return
   if [ "$dry" = 1 ]; then
-    "$@"
+    printf '%q ' "${CMD[@]}"
+    echo
     return
   fi
   now=$(date +%s); left=$(( budget - table_s - (now - start) ))
@@ -82,8 +86,10 @@ run() {
     echo "$name (needs ~${est} s, ${left} s left)" | tee -a "$out/skipped.txt"
     return
   fi
+  printf '%q ' "${CMD[@]}" >> "$out/commands.txt"
+  echo >> "$out/commands.txt"
   t0=$now
-  timeout -k 10 "$left" "$@" > "$out/$name.log" 2>&1
+  timeout -k 10 "$left" "${CMD[@]}" > "$out/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
 }
@@ -91,29 +97,16 @@ run() {
 reference() {  # B STOP_AFTER: the reference at batch B, ended after row STOP_AFTER ("" = all of its rows)
   local b="$1" stop="$2" name="ref_b$1"
   [ -z "$stop" ] && name="ref_b$1_memory"
-  local cmd=(benchmarks/reference_rows.py "$ref" "$out/$name.json" --stop-after "$stop")
-  if [ "$dry" = 1 ]; then
-    echo "B=$b python $(printf '%q ' "${cmd[@]}")"
-    return
-  fi
-  if [ -z "$ref" ] || [ ! -f "$ref" ]; then
+  if [ "$dry" = 0 ] && { [ -z "$ref" ] || [ ! -f "$ref" ]; }; then
     echo "gpu_speed: no reference script (pass its path or set HMLM_REFERENCE)" >&2
     return 2
   fi
-  echo "B=$b $py $(printf '%q ' "${cmd[@]}")" >> "$out/commands.txt"
-  B="$b" "$py" "${cmd[@]}"
+  CMD=(env "B=$b" "$py" benchmarks/reference_rows.py "$ref" "$out/$name.json" --stop-after "$stop")
 }
 
 bench() {  # NAME [overrides and flags...]: hmlm bench train at the 160M shape unless overridden
   local name="$1"; shift
-  local cmd=(bench train "${shape[@]}" anchor.preset=160m "$@" "${steps[@]}" --out "$out/$name.json")
-  if [ "$dry" = 1 ]; then
-    printf '%q ' hmlm "${cmd[@]}"
-    echo
-    return
-  fi
-  echo "$py -m hmlm.cli $(printf '%q ' "${cmd[@]}")" >> "$out/commands.txt"
-  "$py" -m hmlm.cli "${cmd[@]}"
+  CMD=("$py" -m hmlm.cli bench train "${shape[@]}" anchor.preset=160m "$@" "${steps[@]}" --out "$out/$name.json")
 }
 
 want() { [ "$part" = "$1" ] || [ "$part" = "all" ]; }

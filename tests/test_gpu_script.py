@@ -65,7 +65,8 @@ print(json.dumps(R))
 def test_every_gpu_script_command_runs_on_cpu_and_makes_the_table(tmp_path, monkeypatch):
     out_dir = tmp_path / "gpu"
     lines = script_lines(out_dir, "--part", "all")
-    commands = [shlex.split(line)[1:] for line in lines if line.startswith("hmlm ")]
+    # the bench commands as `hmlm ...` argv (the script runs them as `python -m hmlm.cli ...`)
+    commands = [shlex.split(line)[3:] for line in lines if " -m hmlm.cli " in line]
     assert len(commands) == 9 and any("--compile" in c for c in commands)
     assert any("anchor.preset=410m" in c for c in commands) and any("data.doc_mask=true" in c for c in commands)
     assert not out_dir.exists()  # a dry run writes nothing
@@ -87,8 +88,8 @@ def test_every_gpu_script_command_runs_on_cpu_and_makes_the_table(tmp_path, monk
     reference = tmp_path / "reference.py"
     reference.write_text(STAND_IN_REFERENCE)
     ref_line = next(line for line in lines if "reference_rows.py" in line and "ref_b8.json" in line)
-    env_b, _python, runner, _path, ref_out, *flags = shlex.split(ref_line)
-    assert env_b == "B=8" and flags == ["--stop-after", "ref_compiled"]
+    _env, env_b, _python, runner, _path, ref_out, *flags = shlex.split(ref_line)
+    assert _env == "env" and env_b == "B=8" and flags == ["--stop-after", "ref_compiled"]
     monkeypatch.setenv("B", "2")  # TINY's batch size, so that the table sets the two side by side
     done = subprocess.run([sys.executable, runner, str(reference), ref_out, *flags], cwd=REPO, capture_output=True,
                           text=True)
@@ -129,3 +130,39 @@ def test_later_overrides_win(preset, tied):
 
     r = load_recipe(REPO / "recipes" / "quickstart.yaml", ["anchor.preset=160m", f"anchor.preset={preset}"])
     assert r.anchor.preset == preset
+
+
+# stands in for the GPU machine's python: import checks pass, every command it is given is recorded, and the rows
+# it is asked for are written (the table is built by the real python)
+STAND_IN_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$STAND_IN_LOG"
+case "$1" in
+  -c) exit 0 ;;
+  benchmarks/speed_table.py) exec "$REAL_PYTHON" "$@" ;;
+esac
+for ((i = 1; i <= $#; i++)); do
+  if [ "${!i}" = "--out" ]; then j=$((i + 1)); echo '[]' > "${!j}"; fi
+done
+"""
+
+
+def test_the_real_run_executes_every_part1_command(tmp_path):
+    """Not a dry run: the commands go through `timeout` as programs (a shell function there exits 127 and the call
+    measures nothing, which the dry run alone cannot show)."""
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON)
+    python.chmod(0o755)
+    reference = tmp_path / "reference.py"
+    reference.write_text(STAND_IN_REFERENCE)
+    log = tmp_path / "calls.log"
+    out_dir = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(python), "STAND_IN_LOG": str(log), "REAL_PYTHON": sys.executable,
+           "HMLM_GPU_BUDGET_S": "600"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed.sh"), str(out_dir), str(reference)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    summary = (out_dir / "summary.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in summary] == [["ref_b8", "rc=0"], ["hmlm_160m_b8_eager", "rc=0"],
+                                                      ["hmlm_160m_b8_compiled", "rc=0"]], summary
+    calls = log.read_text()
+    assert "benchmarks/reference_rows.py" in calls and calls.count("-m hmlm.cli bench train") == 2
