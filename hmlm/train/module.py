@@ -72,6 +72,8 @@ class HMLMModule(L.LightningModule):
         self.comm_counter = None
         self.val_ppl = torch.nn.ModuleDict({m: Perplexity(ignore_index=-100) for m in self.eval_modes})
         self.skip_update = False  # set after backward by hmlm.train.guard (trainer.nonfinite.skip): drop this batch
+        # DeepSpeed takes exactly one optimizer (the anchor's): the bank's is then stepped here, outside Lightning
+        self.external_bank_optimizer: BankOptimizer | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -140,8 +142,8 @@ class HMLMModule(L.LightningModule):
         info = {"comm": self.comm_counter.as_dict(), "steps": self.global_step,
                 "segment_steps": self.global_step - getattr(self, "_segment_start", 0),
                 "plan": self.subtree_plan.summary(),
-                "anchor_grad_bytes": sum(p.numel() * p.element_size() for p in self.model.anchor.parameters()
-                                         if p.requires_grad)}
+                "anchor_grad_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size()  # ZeRO-3: full size
+                                         for p in self.model.anchor.parameters() if p.requires_grad)}
         if self.model.store is not None:
             save_rank_bank(self.model.store, out, rank=rank, world=world, info=info)
         else:
@@ -151,15 +153,19 @@ class HMLMModule(L.LightningModule):
         self.trainer.strategy.barrier("hmlm-rank-banks")  # rank 0 merges once every rank has written
 
     def configure_optimizers(self):
+        from .deepspeed import anchor_optimizer, is_deepspeed
+
         opts: list[torch.optim.Optimizer] = []
+        deepspeed = is_deepspeed(self.recipe.trainer.strategy)
         if self.train_anchor:
             cfg = self.recipe.optim.anchor
             decay = [p for n, p in self.model.anchor.named_parameters() if p.dim() >= 2]
             no_decay = [p for n, p in self.model.anchor.named_parameters() if p.dim() < 2]
-            opts.append(torch.optim.AdamW(
-                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps))
-        if self.train_memory:
+            groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            opts.append(anchor_optimizer(self.recipe, groups))
+        if self.train_memory and deepspeed:
+            self.external_bank_optimizer = BankOptimizer(self)
+        elif self.train_memory:
             opts.append(BankOptimizer(self))
         return opts
 
@@ -191,6 +197,7 @@ class HMLMModule(L.LightningModule):
         max_steps = self.recipe.trainer.max_steps
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
+        bank_opt = self.external_bank_optimizer
         anchor_opt = opts[0] if self.train_anchor else None
         if anchor_opt is not None:
             lr_a = cosine_lr(step, self.recipe.optim.anchor, max_steps)
@@ -198,7 +205,7 @@ class HMLMModule(L.LightningModule):
                 group["lr"] = lr_a
             anchor_opt.zero_grad(set_to_none=True)
         if self.train_memory:
-            opts[-1].param_groups[0]["lr"] = cosine_lr(step, self.recipe.optim.memory, max_steps)
+            (bank_opt or opts[-1]).param_groups[0]["lr"] = cosine_lr(step, self.recipe.optim.memory, max_steps)
 
         mode = "fetched" if self.train_memory else "none"
         logits = self.model(batch["input_ids"], paths=batch["path"], memory=mode, doc_ids=self._doc_ids(batch),
@@ -217,15 +224,18 @@ class HMLMModule(L.LightningModule):
         for opt in opts[:-1]:
             opt.optimizer.step()
         opts[-1].step()
+        if bank_opt is not None:
+            bank_opt.step()
         if self.train_memory:
-            stats.update({f"memory/{k}": v for k, v in opts[-1].optimizer.last_stats.items()})
+            last = bank_opt or opts[-1].optimizer
+            stats.update({f"memory/{k}": v for k, v in last.last_stats.items()})
         self.train_ppl(logits.detach().float(), batch["labels"])
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)
         self.log("train/ppl", self.train_ppl, on_step=True, on_epoch=False)
         if anchor_opt is not None:
             self.log("lr/anchor", anchor_opt.param_groups[0]["lr"], on_step=True)
         if self.train_memory:
-            self.log("lr/memory", opts[-1].param_groups[0]["lr"], on_step=True)
+            self.log("lr/memory", (bank_opt or opts[-1]).param_groups[0]["lr"], on_step=True)
         for key, val in stats.items():
             self.log(key, val, on_step=True)  # tensors stay on the device until Lightning writes the logs
         return loss.detach()
