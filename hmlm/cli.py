@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--dry-run", action="store_true",
+                   help="print each world size's training plan and bank share; start no process")
     b = bench.add_parser("memory-types", help="train every memory type at equal fetched size, then evaluate all")
     _recipe_args(b)
     b.add_argument("--types", default="ffn,lora-qk,lora-vo,lora-ffn,kv")
@@ -169,6 +171,12 @@ def _vocab_for(recipe) -> int:
 def _bench(args, recipe) -> int:
     from rich.table import Table
 
+    if args.bench == "scaling" and args.dry_run:
+        from .bench.scaling import plan_rows
+
+        for row in plan_rows(recipe, worlds=[int(d) for d in args.devices.split(",")], paths=args.paths):
+            console.print(" ".join(f"{k}={v}" for k, v in row.items()))
+        return 0
     if args.bench == "scaling":
         from .bench.scaling import run_scaling
 

@@ -93,7 +93,6 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, str
     anchor = build_anchor(recipe, vocab)
     layout = build_layout(recipe, anchor)
     store = build_store(recipe, layout, init=False)
-    store.fill(0.0)  # values do not change the cost; drawing them at scale would
     # the plan training uses, computed identically on every rank
     plan = plan_subtrees(paths, tokens, world=world, branching=k, level=recipe.trainer.subtree_level)
     sync = None
@@ -197,6 +196,27 @@ def scaling_paths(recipe: Recipe, source: str, n_uniform: int = 4096) -> tuple[n
     raise ValueError(f"--paths {source!r}: expected uniform or index")
 
 
+def plan_rows(recipe: Recipe, *, worlds: list[int], paths: str = "uniform") -> list[dict[str, Any]]:
+    """What `run_scaling` would measure, without a process or a tensor: per world size the training plan (level, token
+    imbalance) and the bank parameters rank 0 would hold (`--dry-run`; the layout is built on the meta device)."""
+    from ..model import build_anchor, build_layout
+    from ..train.affine import plan_subtrees
+
+    layout = build_layout(recipe, build_anchor(recipe, recipe.anchor.vocab_size or 64, device="meta"))
+    seq_paths, seq_tokens = scaling_paths(recipe, paths)
+    keys = [f"l{lvl}" for lvl in layout.active_levels]
+    rows = []
+    for world in worlds:
+        plan = plan_subtrees(seq_paths, seq_tokens, world=world, branching=recipe.index.router.branching,
+                             level=recipe.trainer.subtree_level)
+        held = plan.held_rows(0, keys)
+        per_rank = sum(len(held[f"l{lvl}"]) * layout.block_params(layout.sizes[lvl]) for lvl in layout.active_levels)
+        rows.append({"world": world, "paths": paths, "plan_level": plan.level,
+                     "plan_imbalance": round(plan.imbalance, 4), "bank_params": layout.bank_params(),
+                     "bank_params_rank0": per_rank})
+    return rows
+
+
 def run_scaling(recipe: Recipe, *, vocab_size: int, worlds: list[int], modes: list[str], steps: int,
                 warmup: int, strategies: tuple[str, ...] = ("ddp",), paths: str = "uniform",
                 out: Path | None = None) -> list[dict[str, Any]]:
@@ -230,4 +250,32 @@ def run_scaling(recipe: Recipe, *, vocab_size: int, worlds: list[int], modes: li
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return rows
+
+
+REPORT_COLUMNS = ("strategy", "mode", "world", "paths", "step_ms", "tokens_per_s", "scaling_efficiency",
+                  "anchor_bytes_per_step", "bank_bytes_per_step", "bank_params_per_rank", "bank_bytes_per_rank",
+                  "plan_level", "plan_imbalance", "peak_gpu_gb")
+
+
+def write_report(row_files: list[Path], markdown: Path, merged: Path, *, title: str) -> list[dict[str, Any]]:
+    """Merge the JSON row files of several `hmlm bench scaling --out` calls into one JSON list and a markdown table
+    (benchmarks/gpu_ds.sh); a missing file (a call that was skipped or failed) is listed under the table."""
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for f in row_files:
+        if Path(f).is_file():
+            rows.extend({**r, "source": Path(f).stem} for r in json.loads(Path(f).read_text(encoding="utf-8")))
+        else:
+            missing.append(Path(f).stem)
+    lines = [f"# {title}", ""]
+    if rows:
+        lines.append(f"device: {rows[0]['device']}; {rows[0]['batch_per_rank']} x {rows[0]['seq_len']} tokens per "
+                     "rank; efficiency against the 1-device row of the same strategy and mode")
+        lines += ["", "| source | " + " | ".join(REPORT_COLUMNS) + " |", "|" + " --- |" * (len(REPORT_COLUMNS) + 1)]
+        lines += ["| " + " | ".join([r["source"], *(str(r.get(c)) for c in REPORT_COLUMNS)]) + " |" for r in rows]
+    if missing:
+        lines += ["", "not measured (skipped for time, or failed: see its .log): " + ", ".join(missing)]
+    markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    merged.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return rows
