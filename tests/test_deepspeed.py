@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_recipe_dict
+from conftest import fit_each, free_port, tiny_recipe_dict, torchrun_env
 from hmlm.cli import main
 from hmlm.config import RecipeError, recipe_from_dict
 from hmlm.train.checkpoints import checkpoint_problem, resolve_resume, run_checkpoints, write_dir_sidecar
@@ -141,28 +139,13 @@ SCENARIOS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, recipes: dict) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "NODE_RANK": "0"})
+    torchrun_env(rank, 2, port)
     torch.set_num_threads(1)
     from ds_cpu import use_cpu_deepspeed
 
     use_cpu_deepspeed()
-    from hmlm.train.fit import fit
-
-    for name, d in recipes.items():
-        if name == "stage2":
-            fit(recipe_from_dict({**d, "trainer": {**d["trainer"], "max_steps": 2}}), progress=False,
-                final_eval=False)
-            fit(recipe_from_dict(d), resume=True, progress=False, final_eval=False)
-        else:
-            fit(recipe_from_dict(d), progress=False, final_eval=False)
+    fit_each(recipes, resumed="stage2")
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +162,7 @@ def runs(small_corpus, tmp_path_factory):
                                                                       "trainer.devices": 2})
                for name, extra in SCENARIOS.items()}
     ensure_index(recipe_from_dict(recipes["stage2"]), Console(quiet=True))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), recipes), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), recipes), nprocs=2, join=True)
     # one process, no engine: the two ranks' batches back to back (docs/distributed.md, "The order")
     fit(recipe_from_dict(tiny_recipe_dict(small_corpus, root / "ref", **{**COMMON, "index.dir": index,
                                                                           "trainer.subtree_ranks": 2})),

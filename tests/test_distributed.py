@@ -4,8 +4,6 @@ two gloo processes under Lightning's DDP strategy that match one process exactly
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_recipe_dict
+from conftest import fit_each, free_port, tiny_recipe_dict, torchrun_env
 from hmlm.bank.merge import BankMergeError, merge_rank_banks, save_rank_bank
 from hmlm.train.affine import SubtreePlanError, SubtreeSampler, plan_subtrees
 
@@ -120,27 +118,10 @@ COMMON = {"trainer.data_parallel": "subtree", "trainer.max_steps": 4, "trainer.b
           "trainer.val_every": 1000, "trainer.ckpt_every": 1000, "trainer.accelerator": "cpu"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, recipes: dict) -> None:
-    # the environment torchrun gives each process: Lightning's DDP then uses these processes instead of launching
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "NODE_RANK": "0"})
+    torchrun_env(rank, 2, port)
     torch.set_num_threads(1)
-    from hmlm.config import recipe_from_dict
-    from hmlm.train.fit import fit
-
-    for name, d in recipes.items():
-        if name == "owned":
-            fit(recipe_from_dict({**d, "trainer": {**d["trainer"], "max_steps": 2}}), progress=False,
-                final_eval=False)
-            fit(recipe_from_dict(d), resume=True, progress=False, final_eval=False)
-        else:
-            fit(recipe_from_dict(d), progress=False, final_eval=False)
+    fit_each(recipes, resumed="owned")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +141,7 @@ def runs(small_corpus, tmp_path_factory):
     from rich.console import Console
 
     ensure_index(recipe_from_dict(dist_recipes["owned"]), Console(quiet=True))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), dist_recipes), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), dist_recipes), nprocs=2, join=True)
     for name, extra in SCENARIOS.items():
         # one process, the same global batch and order: the two ranks' batches back to back
         kw = {**COMMON, **extra, "index.dir": index, "trainer.subtree_ranks": 2}
@@ -251,15 +232,9 @@ NODE_RUN = {"trainer.subtree_level": 2, "memory.generic": True, "optim.memory.gr
 
 
 def _node_worker(rank: int, port: int, recipe: dict) -> None:
-    # torchrun's environment for 2 nodes x 2 processes (node-major ranks), all on this host
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "4", "RANK": str(rank),
-                       "LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": str(rank // 2),
-                       "NODE_RANK": str(rank // 2)})
+    torchrun_env(rank, 4, port, per_node=2)  # 2 nodes x 2 processes, all on this host
     torch.set_num_threads(1)
-    from hmlm.config import recipe_from_dict
-    from hmlm.train.fit import fit
-
-    fit(recipe_from_dict(recipe), progress=False, final_eval=False)
+    fit_each({"nodes": recipe})
 
 
 def test_two_nodes_of_two_ranks_equal_one_process(small_corpus, tmp_path):
@@ -274,7 +249,7 @@ def test_two_nodes_of_two_ranks_equal_one_process(small_corpus, tmp_path):
     ref = tiny_recipe_dict(small_corpus, tmp_path / "ref", **{**kw, "trainer.subtree_ranks": 4,
                                                                 "trainer.subtree_nodes": 2})
     fit(recipe_from_dict(ref), progress=False, final_eval=False)  # also builds the index
-    torch.multiprocessing.spawn(_node_worker, args=(_free_port(), nodes), nprocs=4, join=True)
+    torch.multiprocessing.spawn(_node_worker, args=(free_port(), nodes), nprocs=4, join=True)
     a, b = load_model_dir(tmp_path / "nodes" / "model"), load_model_dir(tmp_path / "ref" / "model")
     for (name, x), y in zip(a.model.anchor.state_dict().items(), b.model.anchor.state_dict().values()):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), (name, (x - y).abs().max())
