@@ -143,9 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(b)
     b.add_argument("--devices", default="1,2", help="world sizes to measure, e.g. 1,2,4,8")
     b.add_argument("--modes", default="subtree,replicated")
+    b.add_argument("--strategies", default="ddp",
+                   help="anchor strategies: ddp and/or deepspeed_stage_1,deepspeed_stage_2,deepspeed_stage_3")
+    b.add_argument("--paths", default="uniform", choices=("uniform", "index"),
+                   help="sequence paths the training plan is made from: uniform random leaves, or the recipe's index")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--dry-run", action="store_true",
+                   help="print each world size's training plan and bank share; start no process")
     b = bench.add_parser("memory-types", help="train every memory type at equal fetched size, then evaluate all")
     _recipe_args(b)
     b.add_argument("--types", default="ffn,lora-qk,lora-vo,lora-ffn,kv")
@@ -206,18 +212,25 @@ def _vocab_for(recipe) -> int:
 def _bench(args, recipe) -> int:
     from rich.table import Table
 
+    if args.bench == "scaling" and args.dry_run:
+        from .bench.scaling import plan_rows
+
+        for row in plan_rows(recipe, worlds=[int(d) for d in args.devices.split(",")], paths=args.paths):
+            console.print(" ".join(f"{k}={v}" for k, v in row.items()))
+        return 0
     if args.bench == "scaling":
         from .bench.scaling import run_scaling
 
         rows = run_scaling(recipe, vocab_size=_vocab_for(recipe), worlds=[int(d) for d in args.devices.split(",")],
                            modes=[m for m in args.modes.split(",") if m], steps=args.steps, warmup=args.warmup,
+                           strategies=tuple(x for x in args.strategies.split(",") if x), paths=args.paths,
                            out=args.out)
         table = Table(title=f"data-parallel training step, {rows[0]['device']}, "
                             f"{rows[0]['batch_per_rank']} x {rows[0]['seq_len']} tokens per rank")
-        cols = ("mode", "world", "step_ms", "tokens_per_s", "scaling_efficiency", "anchor_bytes_per_step",
-                "bank_bytes_per_step", "bank_params_per_rank")
+        cols = ("strategy", "mode", "world", "step_ms", "tokens_per_s", "scaling_efficiency", "anchor_bytes_per_step",
+                "bank_bytes_per_step", "bank_params_per_rank", "plan_level", "plan_imbalance")
         for col in cols:
-            table.add_column(col, justify="left" if col == "mode" else "right")
+            table.add_column(col, justify="left" if col in ("strategy", "mode") else "right")
         for r in rows:
             table.add_row(*(str(r[c]) for c in cols))
         console.print(table)

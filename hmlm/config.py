@@ -147,13 +147,25 @@ class NonFiniteConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """trainer.strategy=deepspeed_stage_1|2|3 (hmlm.train.deepspeed): the anchor under DeepSpeed ZeRO; the bank stays
+    in hmlm's store, outside the engine."""
+    offload_optimizer: bool = False  # the anchor's optimizer state and step on the host (DeepSpeedCPUAdam)
+    grad_reduce: str = "auto"    # dtype of the anchor's gradient reduction: auto (DeepSpeed's choice: bf16 for the
+                                 # Linear weights under bf16 autocast, fp32 otherwise) | fp32 | bf16
+    bucket_mb: int = 200         # reduce/all-gather bucket size, in millions of elements (Lightning's default 200)
+
+
+@dataclass
 class TrainerConfig:
     mode: str = "cotrain"        # anchor | memory (anchor frozen) | cotrain | scratch
     max_steps: int = 1000
     batch_size: int = 16         # sequences per optimizer step per device
     accelerator: str = "auto"
     devices: Any = 1
-    strategy: str = "auto"
+    strategy: str = "auto"       # Lightning's (auto, ddp, ...) or deepspeed_stage_1|2|3 (docs/distributed.md)
+    num_nodes: int = 1           # hosts of a multi-node run (Lightning's num_nodes; launched by torchrun or SLURM)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     precision: str = "auto"      # auto = bf16-mixed on CUDA, 32-true on CPU
     log_every: int = 10
     val_every: int = 200         # steps between validation runs
@@ -171,6 +183,8 @@ class TrainerConfig:
                                        # their bank blocks, so the bank is never all-reduced; docs/distributed.md)
     subtree_level: int = 0       # tree level (1 = children of the root) whose subtrees go to ranks; 0 = auto
     subtree_ranks: int = 0       # ranks the subtree plan is made for; 0 = the world size. >1 on one process
+    subtree_nodes: int = 0       # nodes the subtree plan is made for; 0 = trainer.num_nodes (with subtree_ranks, one
+                                 # process reproduces a multi-node run)
                                  # reproduces that many ranks exactly (their batches concatenated, in rank order)
 
 
@@ -382,6 +396,9 @@ def validate(r: Recipe, source: str) -> None:
     if not 0 <= r.trainer.subtree_level <= r.index.router.levels:
         bad("trainer.subtree_level", f"must be in [0, {r.index.router.levels}] (0 = auto; the tree has "
                                    f"index.router.levels={r.index.router.levels}), got {r.trainer.subtree_level}")
+    _validate_deepspeed(r, bad)
+    if r.trainer.subtree_nodes < 0:
+        bad("trainer.subtree_nodes", f"must be >= 0 (0 = trainer.num_nodes), got {r.trainer.subtree_nodes}")
     if r.trainer.subtree_ranks < 0:
         bad("trainer.subtree_ranks", f"must be >= 0 (0 = the world size), got {r.trainer.subtree_ranks}")
     if r.trainer.eval_every < 0:
@@ -403,6 +420,33 @@ def validate(r: Recipe, source: str) -> None:
         parse_placement(r.memory.placement, n_layers=None)
     except ValueError as exc:
         bad("memory.placement", str(exc))
+
+
+DEEPSPEED_STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+
+
+def _validate_deepspeed(r: Recipe, bad) -> None:
+    t, ds = r.trainer, r.trainer.deepspeed
+    if t.num_nodes < 1:
+        bad("trainer.num_nodes", f"must be >= 1, got {t.num_nodes}")
+    if str(t.strategy).startswith("deepspeed") and t.strategy not in DEEPSPEED_STRATEGIES:
+        bad("trainer.strategy", f"got {t.strategy!r}; hmlm runs DeepSpeed as one of {', '.join(DEEPSPEED_STRATEGIES)} "
+                                "(offload: trainer.deepspeed.offload_optimizer=true)")
+    if ds.grad_reduce not in ("auto", "fp32", "bf16"):
+        bad("trainer.deepspeed.grad_reduce", f"got {ds.grad_reduce!r}, expected auto, fp32 or bf16")
+    if ds.bucket_mb < 1:
+        bad("trainer.deepspeed.bucket_mb", f"must be >= 1 (millions of elements), got {ds.bucket_mb}")
+    if t.strategy not in DEEPSPEED_STRATEGIES:
+        return
+    if t.mode == "memory":
+        bad("trainer.mode", "'memory' (a frozen anchor) leaves DeepSpeed nothing to train; use trainer.strategy=ddp, "
+                            "which trains each subtree's bank without an engine")
+    if t.nonfinite.skip > 0:
+        bad("trainer.nonfinite.skip", "skipping batches is not supported with DeepSpeed (the engine has already "
+                                      "reduced the anchor's gradients into its partitions); use 0 (stop) or "
+                                      "trainer.strategy=ddp")
+    if t.compile:
+        bad("trainer.compile", "not supported with DeepSpeed in hmlm (the engine wraps the module); use false")
 
 
 def _validate_budget_and_io(r: Recipe, bad) -> None:

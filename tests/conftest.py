@@ -106,3 +106,36 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def json_load(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world: int, port: int, per_node: int | None = None) -> None:
+    """The environment torchrun gives process `rank` (node-major ranks, `per_node` per node; default one node):
+    Lightning then uses these processes instead of launching its own."""
+    import os
+
+    per_node = per_node or world
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank % per_node), "LOCAL_WORLD_SIZE": str(per_node),
+                       "GROUP_RANK": str(rank // per_node), "NODE_RANK": str(rank // per_node)})
+
+
+def fit_each(recipes: dict, resumed: str | None = None) -> None:
+    """`fit` every recipe in order; the one named `resumed` trains 2 steps, then resumes to its max_steps."""
+    from hmlm.config import recipe_from_dict
+    from hmlm.train.fit import fit
+
+    for name, d in recipes.items():
+        if name == resumed:
+            fit(recipe_from_dict({**d, "trainer": {**d["trainer"], "max_steps": 2}}), progress=False,
+                final_eval=False)
+            fit(recipe_from_dict(d), resume=True, progress=False, final_eval=False)
+        else:
+            fit(recipe_from_dict(d), progress=False, final_eval=False)

@@ -4,8 +4,6 @@ two gloo processes under Lightning's DDP strategy that match one process exactly
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_recipe_dict
+from conftest import fit_each, free_port, tiny_recipe_dict, torchrun_env
 from hmlm.bank.merge import BankMergeError, merge_rank_banks, save_rank_bank
 from hmlm.train.affine import SubtreePlanError, SubtreeSampler, plan_subtrees
 
@@ -120,27 +118,10 @@ COMMON = {"trainer.data_parallel": "subtree", "trainer.max_steps": 4, "trainer.b
           "trainer.val_every": 1000, "trainer.ckpt_every": 1000, "trainer.accelerator": "cpu"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, recipes: dict) -> None:
-    # the environment torchrun gives each process: Lightning's DDP then uses these processes instead of launching
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "NODE_RANK": "0"})
+    torchrun_env(rank, 2, port)
     torch.set_num_threads(1)
-    from hmlm.config import recipe_from_dict
-    from hmlm.train.fit import fit
-
-    for name, d in recipes.items():
-        if name == "owned":
-            fit(recipe_from_dict({**d, "trainer": {**d["trainer"], "max_steps": 2}}), progress=False,
-                final_eval=False)
-            fit(recipe_from_dict(d), resume=True, progress=False, final_eval=False)
-        else:
-            fit(recipe_from_dict(d), progress=False, final_eval=False)
+    fit_each(recipes, resumed="owned")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +141,7 @@ def runs(small_corpus, tmp_path_factory):
     from rich.console import Console
 
     ensure_index(recipe_from_dict(dist_recipes["owned"]), Console(quiet=True))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), dist_recipes), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), dist_recipes), nprocs=2, join=True)
     for name, extra in SCENARIOS.items():
         # one process, the same global batch and order: the two ranks' batches back to back
         kw = {**COMMON, **extra, "index.dir": index, "trainer.subtree_ranks": 2}
@@ -211,3 +192,76 @@ def test_bank_is_never_all_reduced(runs, scenario):
             # only shallow (above the assignment level) and generic blocks, within their owner groups
             assert comm["shared_calls"] > 0 and set(comm["shared_keys"]) <= {"l0", "generic"}
             assert comm["norm_calls"] == steps
+
+
+# ----------------------------------------------------------------------------------- two nodes of two ranks each
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(2, 4), nodes=st.integers(2, 3), per_node=st.integers(1, 3))
+def test_node_local_plan_keeps_shared_blocks_inside_a_node(seed, k, nodes, per_node):
+    rng = np.random.default_rng(seed)
+    paths = random_paths(rng, 300, k, 3)
+    world = nodes * per_node
+    try:
+        plan = plan_subtrees(paths, rng.integers(1, 100, size=300), world=world, branching=k, nodes=nodes)
+    except SubtreePlanError:
+        return  # too few non-empty subtrees for this many nodes/ranks
+    assert plan.nodes == nodes and (plan.rank_tokens > 0).all()
+    # some node level b: every level-b subtree lies on one node, so every block at or below it is reduced inside
+    # that node (only shallower blocks and the generic block cross nodes)
+    a, node = plan.level, plan.owner // per_node
+    assert any(all(len(set(node[np.arange(k ** a) // k ** (a - b) == n].tolist())) == 1 for n in range(k ** b))
+               for b in range(1, a + 1))
+    if world % (nodes + 1):
+        with pytest.raises(SubtreePlanError, match="evenly"):
+            plan_subtrees(paths, np.ones(300, dtype=np.int64), world=world, branching=k, nodes=nodes + 1)
+
+
+def test_node_local_plan_on_a_known_tree():
+    # k=2, 3 levels, 8 equal leaves; 2 nodes x 2 ranks at level 2: each level-1 subtree on one node
+    paths = np.array([[leaf // 4, leaf // 2, leaf] for leaf in range(8)])
+    plan = plan_subtrees(paths, np.ones(8, dtype=np.int64), world=4, branching=2, level=2, nodes=2)
+    node_of_subtree = plan.owner // 2
+    assert node_of_subtree[0] == node_of_subtree[1] and node_of_subtree[2] == node_of_subtree[3]
+    assert sorted(plan.owner.tolist()) == [0, 1, 2, 3]
+    # without nodes, LPT may split a level-1 subtree across ranks of two nodes; with nodes, l0's groups are node-local
+    for key, group, _ in plan.shared_sets(["l0", "l1", "l2"]):
+        assert key == "l0" and len({r // 2 for r in group}) == 1
+
+
+NODE_RUN = {"trainer.subtree_level": 2, "memory.generic": True, "optim.memory.grad_clip": 0.05}
+
+
+def _node_worker(rank: int, port: int, recipe: dict) -> None:
+    torchrun_env(rank, 4, port, per_node=2)  # 2 nodes x 2 processes, all on this host
+    torch.set_num_threads(1)
+    fit_each({"nodes": recipe})
+
+
+def test_two_nodes_of_two_ranks_equal_one_process(small_corpus, tmp_path):
+    from hmlm.config import recipe_from_dict
+    from hmlm.export import load_model_dir
+    from hmlm.train.fit import fit
+
+    index = str(tmp_path / "index")
+    kw = {**COMMON, **NODE_RUN, "index.dir": index}
+    nodes = tiny_recipe_dict(small_corpus, tmp_path / "nodes", **{**kw, "trainer.devices": 2, "trainer.num_nodes": 2,
+                                                                    "trainer.strategy": "ddp"})
+    ref = tiny_recipe_dict(small_corpus, tmp_path / "ref", **{**kw, "trainer.subtree_ranks": 4,
+                                                                "trainer.subtree_nodes": 2})
+    fit(recipe_from_dict(ref), progress=False, final_eval=False)  # also builds the index
+    torch.multiprocessing.spawn(_node_worker, args=(free_port(), nodes), nprocs=4, join=True)
+    a, b = load_model_dir(tmp_path / "nodes" / "model"), load_model_dir(tmp_path / "ref" / "model")
+    for (name, x), y in zip(a.model.anchor.state_dict().items(), b.model.anchor.state_dict().values()):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), (name, (x - y).abs().max())
+    for key, name, t in b.model.store.iter_blocks():
+        other = a.model.store.tensors[key][name]
+        assert torch.allclose(other, t, rtol=1e-4, atol=1e-5), (key, name, (other - t).abs().max())
+    infos = [json.loads((tmp_path / "nodes" / "ranks" / f"rank-{r:03d}" / "rank.json").read_text())
+             for r in range(4)]
+    assert all(i["plan"]["nodes"] == 2 and i["steps"] == 4 for i in infos)
+    # shared level-0 blocks are reduced in node-local groups; only the generic block spans both nodes
+    from hmlm.train.affine import plan_for_recipe
+
+    plan = plan_for_recipe(recipe_from_dict(ref), index, 1)
+    for key, group, _ in plan.shared_sets(["l0", "l1", "l2", "generic"]):
+        assert key == "generic" or len({r // 2 for r in group}) == 1, (key, group)

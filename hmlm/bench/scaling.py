@@ -1,15 +1,22 @@
 """`hmlm bench scaling`: data-parallel training throughput on 1..N devices, subtree-affine bank vs plain DDP of the bank.
 
-For each world size the bench spawns that many processes (NCCL on GPUs, gloo on CPUs) running the real training step
-on synthetic tokens, with the anchor under DistributedDataParallel (a comm hook counts its gradient bytes):
+For each world size the bench spawns that many processes (NCCL on GPUs, gloo on CPUs) running the training step on
+synthetic tokens, with the anchor under DistributedDataParallel (a comm hook counts its gradient bytes) or a
+DeepSpeed ZeRO engine (`--strategies deepspeed_stage_1,...`, the config `hmlm fit` builds, hmlm.train.deepspeed):
 
-    subtree     each rank owns the level-1 subtrees s with s % world == rank, holds only their blocks and draws its
-                paths inside them: the bank is never communicated (DESIGN.md §6, hmlm.train.affine)
-    replicated  every rank holds the whole bank and draws paths anywhere; the bank's gradient is all-reduced densely
+    subtree     the training plan (hmlm.train.affine.plan_subtrees: token-balanced LPT at trainer.subtree_level, or
+                the auto level) decides which subtrees each rank owns; the rank holds only their blocks (plus the
+                shared ones above the assignment level), draws its sequences among the plan's, and reduces shared
+                blocks within their owner groups with BankSync, exactly as training does
+    replicated  every rank holds the whole bank and draws sequences anywhere; the bank's gradient is all-reduced densely
                 every step, which is what wrapping the bank in DDP would cost (the baseline)
 
-Reported per row: tokens/s over all ranks, scaling efficiency against the 1-device row of the same mode, and bytes
-all-reduced per step per rank (anchor / bank).
+Paths (`--paths`): `uniform` draws 4096 sequences with uniformly random leaves and equal token counts; `index` uses
+the recipe's index (every training sequence's real path and token count, as `hmlm fit` plans them).
+
+Reported per row: tokens/s over all ranks, scaling efficiency against the 1-device row of the same mode and strategy,
+bytes all-reduced per step per rank (anchor under DDP / shared bank blocks / dense bank), bank parameters and bytes
+held per rank, and the plan (level, token imbalance).
 """
 from __future__ import annotations
 
@@ -22,11 +29,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import Recipe, recipe_from_dict, to_dict
+from ..config import DEEPSPEED_STRATEGIES, Recipe, recipe_from_dict, to_dict
 
 
 def _free_port() -> int:
@@ -35,78 +43,108 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _owned_rows(nodes_per_level: list[int], k: int, owned: list[int]) -> dict[str, torch.Tensor]:
-    """Rows of every level whose level-1 ancestor is owned (level l node n descends from n // k**l)."""
-    rows = {}
-    for lvl, nodes in enumerate(nodes_per_level):
-        ids = torch.arange(nodes)
-        rows[f"l{lvl}"] = ids[torch.isin(ids // k ** lvl, torch.tensor(owned))]
-    return rows
+def uniform_paths(n: int, k: int, levels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n sequences with uniformly random leaves (path [n, levels], node ids per level as the router numbers them)."""
+    leaf = np.random.default_rng(seed).integers(0, k ** levels, size=n)
+    paths = np.stack([leaf // k ** (levels - 1 - lvl) for lvl in range(levels)], axis=1)
+    return paths.astype(np.int64), np.ones(n, dtype=np.int64)
 
 
-def _sample_paths(batch: int, levels: int, k: int, owned: list[int], gen: torch.Generator) -> torch.Tensor:
-    top = torch.tensor(owned)[torch.randint(0, len(owned), (batch,), generator=gen)]
-    cols = [top]
-    for _ in range(1, levels):
-        cols.append(cols[-1] * k + torch.randint(0, k, (batch,), generator=gen))
-    return torch.stack(cols, 1)
+def _anchor_engine(anchor: torch.nn.Module, opt: torch.optim.Optimizer, recipe: Recipe, strategy: str, rank: int,
+                   cuda: bool):
+    """The anchor under a DeepSpeed engine with the config `hmlm fit` would use (bf16 autocast on GPUs)."""
+    import argparse
+
+    import importlib
+
+    import deepspeed
+
+    from ..train.deepspeed import deepspeed_config
+
+    if not cuda:  # a CPU-only all-reduce op that JIT-builds for minutes; gloo suffices (the module, not the package's
+        # `torch` attribute, which is torch itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)  # the existing group
+    cfg = deepspeed_config(replace(recipe, trainer=replace(recipe.trainer, strategy=strategy)),
+                           "bf16-mixed" if cuda else "32-true")
+    engine, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=rank if cuda else 0), model=anchor,
+                                           optimizer=opt, model_parameters=[p for p in anchor.parameters()],
+                                           config=cfg, dist_init_required=False)
+    return engine
 
 
-def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, steps: int, warmup: int,
-            port: int, out: str) -> None:
+def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, strategy: str, paths: np.ndarray,
+            tokens: np.ndarray, steps: int, warmup: int, port: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ..model import MemoryLM, build_anchor, build_layout, build_store
-    from ..train.affine import CommCounter, counting_allreduce_hook
+    from ..train.affine import BankSync, CommCounter, counting_allreduce_hook, plan_subtrees
 
     cuda = torch.cuda.is_available()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     recipe = recipe_from_dict(recipe_dict)
-    k, levels = recipe.index.router.branching, recipe.index.router.levels
+    k = recipe.index.router.branching
     torch.manual_seed(recipe.seed)
     anchor = build_anchor(recipe, vocab)
     layout = build_layout(recipe, anchor)
     store = build_store(recipe, layout, init=False)
-    owned = [s for s in range(k) if s % world == rank] if mode == "subtree" else list(range(k))
-    if not owned:
-        raise ValueError(f"world {world} > k={k} level-1 subtrees: use a deeper subtree level (trainer.subtree_level)")
-    if mode == "subtree" and world > 1:
-        store.restrict({key: rows for key, rows in _owned_rows([layout.nodes(l) for l in range(levels)], k, owned)
-                        .items() if key in store.keys()})
+    # the plan training uses, computed identically on every rank
+    plan = plan_subtrees(paths, tokens, world=world, branching=k, level=recipe.trainer.subtree_level)
+    sync = None
+    if mode == "subtree":
+        seqs = plan.sequences(rank)
+        if world > 1:
+            store.restrict({key: torch.from_numpy(v) for key, v in plan.held_rows(rank, store.keys()).items()})
+            sync = BankSync(plan, store, rank)
+    else:
+        seqs = np.arange(len(paths))
     anchor.to(device)
     store.to_compute(device)
     counter = CommCounter()
-    ddp = DDP(anchor, device_ids=[rank] if cuda else None) if world > 1 else anchor
-    if world > 1:
-        ddp.register_comm_hook(counter, counting_allreduce_hook)
-    model = MemoryLM(ddp, layout, store)
     opt = torch.optim.AdamW(anchor.parameters(), lr=1e-4, fused=cuda)
+    deepspeed = strategy.startswith("deepspeed")
+    if deepspeed:
+        wrapped = _anchor_engine(anchor, opt, recipe, strategy, rank, cuda)
+    else:
+        wrapped = DDP(anchor, device_ids=[rank] if cuda else None) if world > 1 else anchor
+        if world > 1:
+            wrapped.register_comm_hook(counter, counting_allreduce_hook)
+    model = MemoryLM(wrapped, layout, store)
     bank_grad = None
     if mode == "replicated" and world > 1:
         # DDP of the bank would all-reduce a gradient of the whole bank's size every step
         bank_grad = torch.zeros(layout.bank_params(), dtype=store.dtype, device=device)
     b, t = recipe.trainer.batch_size, recipe.data.seq_len
     gen = torch.Generator().manual_seed(recipe.seed * 1000 + rank)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    # DeepSpeed autocasts inside its engine (torch_autocast in its config)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and not deepspeed)
     bank_bytes = 0
 
     def step() -> None:
         nonlocal bank_bytes
         ids = torch.randint(0, vocab, (b, t + 1), generator=gen).to(device)
-        paths = _sample_paths(b, levels, k, owned, gen)
+        pick = seqs[torch.randint(0, len(seqs), (b,), generator=gen).numpy()]
         with autocast:
-            logits = model(ids[:, :-1], paths=paths, memory="fetched", grad_memory=True)
+            logits = model(ids[:, :-1], paths=torch.from_numpy(paths[pick]), memory="fetched", grad_memory=True)
             loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
+        if deepspeed:
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
         if bank_grad is not None:
             dist.all_reduce(bank_grad)
             bank_bytes += bank_grad.numel() * bank_grad.element_size()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if sync is not None:
+            sync.reduce(store, global_norm=False)
+        if not deepspeed:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         store.step(lr=1e-4, weight_decay=1e-3)
 
     for _ in range(warmup):
@@ -115,6 +153,8 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, ste
         torch.cuda.synchronize(device)
     dist.barrier()
     counter.anchor_bytes, bank_bytes = 0, 0
+    if sync is not None:
+        sync.counter.shared_bytes = 0
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -122,39 +162,120 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, ste
         torch.cuda.synchronize(device)
     dist.barrier()
     seconds = time.perf_counter() - t0
+    held = store.held_params()
     if rank == 0:
         Path(out).write_text(json.dumps({
-            "mode": mode, "world": world, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "mode": mode, "strategy": strategy, "world": world,
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "batch_per_rank": b, "seq_len": t, "steps": steps, "step_ms": round(1000 * seconds / steps, 2),
             "tokens_per_s": round(steps * b * t * world / seconds, 1),
-            "anchor_bytes_per_step": counter.anchor_bytes // steps, "bank_bytes_per_step": bank_bytes // steps,
-            "bank_params": layout.bank_params(), "bank_params_per_rank": store.held_params(),
+            # DDP: measured by the comm hook; DeepSpeed reduces inside its engine (not counted: null)
+            "anchor_bytes_per_step": None if deepspeed else counter.anchor_bytes // steps,
+            "anchor_grad_bytes": sum(p.numel() * 4 for p in anchor.parameters()),
+            "bank_bytes_per_step": bank_bytes // steps + (sync.counter.shared_bytes // steps if sync else 0),
+            "bank_params": layout.bank_params(), "bank_params_per_rank": held,
+            "bank_bytes_per_rank": held * torch.finfo(store.dtype).bits // 8,
+            "plan_level": plan.level, "plan_imbalance": round(plan.imbalance, 4),
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
         }))
     dist.destroy_process_group()
 
 
+def scaling_paths(recipe: Recipe, source: str, n_uniform: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(paths, tokens) the plan is made from: `uniform` random leaves, or `index` = the recipe's training shards."""
+    if source == "uniform":
+        return uniform_paths(n_uniform, recipe.index.router.branching, recipe.index.router.levels, recipe.seed)
+    if source == "index":
+        from ..data.packing import SequenceShards
+        from ..train.affine import shard_paths_and_tokens
+
+        shards = Path(recipe.index.dir) / "shards"
+        if not shards.is_dir():
+            raise ValueError(f"--paths index: {recipe.index.dir} holds no index (run `hmlm index --recipe ...` first)")
+        return shard_paths_and_tokens(SequenceShards(shards, "train"))
+    raise ValueError(f"--paths {source!r}: expected uniform or index")
+
+
+def plan_rows(recipe: Recipe, *, worlds: list[int], paths: str = "uniform") -> list[dict[str, Any]]:
+    """What `run_scaling` would measure, without a process or a tensor: per world size the training plan (level, token
+    imbalance) and the bank parameters rank 0 would hold (`--dry-run`; the layout is built on the meta device)."""
+    from ..model import build_anchor, build_layout
+    from ..train.affine import plan_subtrees
+
+    layout = build_layout(recipe, build_anchor(recipe, recipe.anchor.vocab_size or 64, device="meta"))
+    seq_paths, seq_tokens = scaling_paths(recipe, paths)
+    keys = [f"l{lvl}" for lvl in layout.active_levels]
+    rows = []
+    for world in worlds:
+        plan = plan_subtrees(seq_paths, seq_tokens, world=world, branching=recipe.index.router.branching,
+                             level=recipe.trainer.subtree_level)
+        held = plan.held_rows(0, keys)
+        per_rank = sum(len(held[f"l{lvl}"]) * layout.block_params(layout.sizes[lvl]) for lvl in layout.active_levels)
+        rows.append({"world": world, "paths": paths, "plan_level": plan.level,
+                     "plan_imbalance": round(plan.imbalance, 4), "bank_params": layout.bank_params(),
+                     "bank_params_rank0": per_rank})
+    return rows
+
+
 def run_scaling(recipe: Recipe, *, vocab_size: int, worlds: list[int], modes: list[str], steps: int,
-                warmup: int, out: Path | None = None) -> list[dict[str, Any]]:
+                warmup: int, strategies: tuple[str, ...] = ("ddp",), paths: str = "uniform",
+                out: Path | None = None) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
-    recipe = replace(recipe, memory=replace(recipe.memory, generic=False, store="device"),
+    for strategy in strategies:
+        if strategy != "ddp" and strategy not in DEEPSPEED_STRATEGIES:
+            raise ValueError(f"--strategies {strategy!r}: expected ddp or one of {', '.join(DEEPSPEED_STRATEGIES)}")
+    # explicit memory.tiers are kept (a bank larger than one device); otherwise the bank lives on the device
+    store = recipe.memory.store if recipe.memory.tiers != "auto" else "device"
+    recipe = replace(recipe, memory=replace(recipe.memory, generic=False, store=store),
                      trainer=replace(recipe.trainer, mode="cotrain"))
     if torch.cuda.is_available() and max(worlds) > torch.cuda.device_count():
         raise ValueError(f"--devices asks for {max(worlds)} GPUs, this machine has {torch.cuda.device_count()}")
-    rows = []
-    for mode in modes:
-        for world in worlds:
-            with tempfile.TemporaryDirectory() as tmp:
-                result = Path(tmp) / "row.json"
-                mp.spawn(_worker, args=(world, to_dict(recipe), vocab_size, mode, steps, warmup, _free_port(),
-                                        str(result)), nprocs=world, join=True)
-                rows.append(json.loads(result.read_text()))
-        base = next(r for r in rows if r["mode"] == mode and r["world"] == min(worlds))
-        for r in rows:
-            if r["mode"] == mode:
+    seq_paths, seq_tokens = scaling_paths(recipe, paths)
+    rows: list[dict[str, Any]] = []
+    for strategy in strategies:
+        for mode in modes:
+            group = []
+            for world in worlds:
+                with tempfile.TemporaryDirectory() as tmp:
+                    result = Path(tmp) / "row.json"
+                    mp.spawn(_worker, args=(world, to_dict(recipe), vocab_size, mode, strategy, seq_paths, seq_tokens,
+                                            steps, warmup, _free_port(), str(result)), nprocs=world, join=True)
+                    group.append({**json.loads(result.read_text()), "paths": paths})
+            base = min(group, key=lambda r: r["world"])
+            for r in group:
                 r["scaling_efficiency"] = round(r["tokens_per_s"] / (base["tokens_per_s"] * r["world"] /
                                                                      base["world"]), 3)
+            rows.extend(group)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return rows
+
+
+REPORT_COLUMNS = ("strategy", "mode", "world", "paths", "step_ms", "tokens_per_s", "scaling_efficiency",
+                  "anchor_bytes_per_step", "bank_bytes_per_step", "bank_params_per_rank", "bank_bytes_per_rank",
+                  "plan_level", "plan_imbalance", "peak_gpu_gb")
+
+
+def write_report(row_files: list[Path], markdown: Path, merged: Path, *, title: str) -> list[dict[str, Any]]:
+    """Merge the JSON row files of several `hmlm bench scaling --out` calls into one JSON list and a markdown table
+    (benchmarks/gpu_ds.sh); a missing file (a call that was skipped or failed) is listed under the table."""
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for f in row_files:
+        if Path(f).is_file():
+            rows.extend({**r, "source": Path(f).stem} for r in json.loads(Path(f).read_text(encoding="utf-8")))
+        else:
+            missing.append(Path(f).stem)
+    lines = [f"# {title}", ""]
+    if rows:
+        lines.append(f"device: {rows[0]['device']}; {rows[0]['batch_per_rank']} x {rows[0]['seq_len']} tokens per "
+                     "rank; efficiency against the 1-device row of the same strategy and mode")
+        lines += ["", "| source | " + " | ".join(REPORT_COLUMNS) + " |", "|" + " --- |" * (len(REPORT_COLUMNS) + 1)]
+        lines += ["| " + " | ".join([r["source"], *(str(r.get(c)) for c in REPORT_COLUMNS)]) + " |" for r in rows]
+    if missing:
+        lines += ["", "not measured (skipped for time, or failed: see its .log): " + ", ".join(missing)]
+    markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    merged.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return rows

@@ -43,6 +43,7 @@ class SubtreePlan:
     owner: np.ndarray           # [k**level] owning rank of each subtree at the assignment level
     seq_rank: np.ndarray        # [S] owning rank of each training sequence
     rank_tokens: np.ndarray     # [world] training tokens per rank
+    nodes: int = 1              # hosts; ranks are numbered node-major (rank // (world // nodes) is the node)
 
     @property
     def imbalance(self) -> float:
@@ -82,7 +83,7 @@ class SubtreePlan:
         return out
 
     def summary(self) -> dict:
-        return {"level": self.level, "world": self.world, "subtrees": int(len(self.owner)),
+        return {"level": self.level, "world": self.world, "nodes": self.nodes, "subtrees": int(len(self.owner)),
                 "rank_tokens": self.rank_tokens.tolist(), "imbalance": round(self.imbalance, 4),
                 "rank_sequences": np.bincount(self.seq_rank, minlength=self.world).tolist()}
 
@@ -110,13 +111,52 @@ def lpt_assign(tokens: np.ndarray, world: int) -> np.ndarray:
     return owner
 
 
+def node_local_assign(paths: np.ndarray, tokens: np.ndarray, level: int, world: int, nodes: int, k: int,
+                      max_imbalance: float) -> np.ndarray | None:
+    """Owners of the level-`level` subtrees such that every subtree of a shallower *node level* b stays on one node
+    (ranks are numbered node-major: rank = node * (world // nodes) + local rank).
+
+    Level-b subtrees go to nodes by LPT, then each node's level-`level` subtrees to its ranks by LPT. Every block at or
+    below level b is then trained by ranks of a single node, so its shared-block all-reduce never leaves the node;
+    only blocks above b (and the generic block) are reduced across nodes. b is the shallowest level whose plan is
+    balanced within `max_imbalance` (else the best balanced); None when no b gives every rank a non-empty subtree.
+    """
+    per_node = world // nodes
+    sub_tokens = np.bincount(paths[:, level - 1], weights=tokens, minlength=k ** level).astype(np.int64)
+    best: tuple[float, np.ndarray] | None = None
+    for b in range(1, level + 1):
+        node_tokens = np.bincount(paths[:, b - 1], weights=tokens, minlength=k ** b).astype(np.int64)
+        if (node_tokens > 0).sum() < nodes:
+            continue
+        node_of = lpt_assign(node_tokens, nodes)[np.arange(k ** level) // k ** (level - b)]
+        owner = np.empty(k ** level, dtype=np.int64)
+        feasible = True
+        for n in range(nodes):
+            mine = np.flatnonzero(node_of == n)
+            if (sub_tokens[mine] > 0).sum() < per_node:
+                feasible = False
+                break
+            owner[mine] = n * per_node + lpt_assign(sub_tokens[mine], per_node)
+        if not feasible:
+            continue
+        loads = np.bincount(owner, weights=sub_tokens, minlength=world)
+        imbalance = float(loads.max() / max(loads.mean(), 1e-9))
+        if imbalance <= max_imbalance:
+            return owner
+        if best is None or imbalance < best[0]:
+            best = (imbalance, owner)
+    return None if best is None else best[1]
+
+
 def plan_subtrees(paths: np.ndarray, tokens: np.ndarray, *, world: int, branching: int, level: int = 0,
-                  max_imbalance: float = 1.1) -> SubtreePlan:
+                  max_imbalance: float = 1.1, nodes: int = 1) -> SubtreePlan:
     """Assign the subtrees of one tree level to `world` ranks, balanced by token count.
 
     level=0 picks the shallowest level with at least `world` non-empty subtrees whose LPT assignment is within
     `max_imbalance` of perfect balance; if none is, the least imbalanced level (shallowest on ties). Deeper levels
     balance better but make more shallow blocks shared, i.e. communicated within their owner groups.
+    nodes > 1 (multi-node runs, ranks numbered node-major): ownership keeps whole subtrees on one node
+    (node_local_assign), so shared blocks below the node level are reduced inside a node.
     """
     paths = np.asarray(paths, dtype=np.int64)
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -125,6 +165,9 @@ def plan_subtrees(paths: np.ndarray, tokens: np.ndarray, *, world: int, branchin
                                f"and {tokens.shape}")
     if world < 1:
         raise SubtreePlanError(f"world size must be >= 1, got {world}")
+    if nodes < 1 or world % nodes:
+        raise SubtreePlanError(f"{world} ranks cannot be split evenly over {nodes} nodes (trainer.num_nodes / "
+                               "trainer.subtree_nodes): every node must run the same number of ranks")
     levels, k = paths.shape[1], branching
     candidates = [level] if level else list(range(1, levels + 1))
     best: SubtreePlan | None = None
@@ -140,9 +183,13 @@ def plan_subtrees(paths: np.ndarray, tokens: np.ndarray, *, world: int, branchin
         counts.append((a, int((sub_tokens > 0).sum())))
         if counts[-1][1] < world:
             continue
-        owner = lpt_assign(sub_tokens, world)
+        owner = lpt_assign(sub_tokens, world) if nodes == 1 else \
+            node_local_assign(paths, tokens, a, world, nodes, k, max_imbalance)
+        if owner is None:
+            counts[-1] = (a, f"{counts[-1][1]}, too few for {world // nodes} ranks on each of {nodes} nodes")
+            continue
         plan = SubtreePlan(a, world, k, levels, owner, owner[ids],
-                           np.bincount(owner, weights=sub_tokens, minlength=world).astype(np.int64))
+                           np.bincount(owner, weights=sub_tokens, minlength=world).astype(np.int64), nodes)
         if plan.imbalance <= max_imbalance:
             return plan
         if best is None or plan.imbalance < best.imbalance:
@@ -171,13 +218,18 @@ def shard_paths_and_tokens(shards: SequenceShards, chunk: int = 4096) -> tuple[n
 
 def plan_for_recipe(recipe, index_dir: str | Path, world: int) -> SubtreePlan:
     """The plan for a run: `trainer.subtree_ranks` ranks (default: the world size) at `trainer.subtree_level`."""
-    ranks = recipe.trainer.subtree_ranks or world
+    t = recipe.trainer
+    ranks = t.subtree_ranks or world
     if world > 1 and ranks != world:
         raise SubtreePlanError(f"trainer.subtree_ranks={ranks} but the run has {world} processes: leave it 0 "
                                "(it only exists so that one process can reproduce a multi-rank run)")
+    nodes = t.subtree_nodes or (t.num_nodes if world > 1 else 1)
+    if world > 1 and nodes != t.num_nodes:
+        raise SubtreePlanError(f"trainer.subtree_nodes={nodes} but the run has trainer.num_nodes={t.num_nodes}: "
+                               "leave it 0 (it only exists so that one process can reproduce a multi-node run)")
     paths, tokens = shard_paths_and_tokens(SequenceShards(Path(index_dir) / "shards", "train"))
     return plan_subtrees(paths, tokens, world=ranks, branching=recipe.index.router.branching,
-                         level=recipe.trainer.subtree_level)
+                         level=t.subtree_level, nodes=nodes)
 
 
 class SubtreeSampler(Sampler[int]):

@@ -7,6 +7,12 @@ writes them to a temp file that is fsynced and renamed onto `<name>.ckpt`, then 
 refused before torch reads it. A kill between the two renames leaves a new checkpoint beside its old sidecar: it
 reads as corrupt, and `--resume` falls back to the newest checkpoint that verifies (the same step: Lightning writes
 step-*.ckpt before last.ckpt).
+
+DeepSpeed writes a checkpoint as a directory `<name>.ckpt/` (one file per rank's shard; hmlm.train.deepspeed). Its
+sidecar `<name>.ckpt.sha256` lists every file inside (`<name>.ckpt/<relative path>`, so `sha256sum -c` works from
+the checkpoints folder), and a directory verifies only when its files are exactly the listed ones with the listed
+hashes. The strategy swaps the finished directory in with one rename before writing the sidecar, so the same
+fallback applies.
 """
 from __future__ import annotations
 
@@ -50,13 +56,51 @@ def write_checkpoint_bytes(path: Path, data: bytes | memoryview) -> None:
     _verified[str(path)] = _stat_key(path)
 
 
+def _dir_files(path: Path) -> list[Path]:
+    return sorted(f for f in Path(path).rglob("*") if f.is_file())
+
+
+def write_dir_sidecar(path: Path) -> None:
+    """The sidecar of a checkpoint directory: one `sha256  <dir>/<file>` line per file, written atomically."""
+    path = Path(path)
+    lines = [f"{sha256_file(f)}  {path.name}/{f.relative_to(path).as_posix()}\n" for f in _dir_files(path)]
+    with atomic_write_path(sidecar_path(path)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+    _verified[str(path)] = _stat_key(path)
+
+
+def _dir_problem(path: Path, side: Path) -> str | None:
+    listed: dict[str, str] = {}
+    for line in side.read_text(encoding="utf-8", errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    present = {f"{path.name}/{f.relative_to(path).as_posix()}": f for f in _dir_files(path)}
+    if not listed:
+        return f"{side.name} lists no files"
+    if missing := sorted(set(listed) - set(present)):
+        return f"{missing[0]} is missing (listed in {side.name})"
+    if extra := sorted(set(present) - set(listed)):
+        return f"{extra[0]} is not listed in {side.name}: the checkpoint was modified"
+    for name, f in present.items():
+        if sha256_file(f) != listed[name]:
+            return f"checksum mismatch of {name} with {side.name}: the file is corrupt or was modified"
+    return None
+
+
 # path -> (size, mtime_ns) of checkpoints this process wrote or verified, so a load right after the pre-flight
 # check does not hash a multi-GB file twice
 _verified: dict[str, tuple[int, int, int]] = {}
 
 
 def _stat_key(path: Path) -> tuple[int, int, int]:
-    st, side = path.stat(), sidecar_path(path).stat()
+    side = sidecar_path(path).stat()
+    if path.is_dir():
+        stats = [f.stat() for f in _dir_files(path)]
+        return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0), side.st_mtime_ns
+    st = path.stat()
     return st.st_size, st.st_mtime_ns, side.st_mtime_ns
 
 
@@ -70,6 +114,11 @@ def checkpoint_problem(path: Path) -> str | None:
                     "pass --no-verify to trust it")
         if _verified.get(str(path)) == _stat_key(path):
             return None
+        if path.is_dir():
+            problem = _dir_problem(path, side)
+            if problem is None:
+                _verified[str(path)] = _stat_key(path)
+            return problem
         words = side.read_text(encoding="utf-8", errors="replace").split()
         expected = words[0] if words else ""
         actual = sha256_file(path)
@@ -82,7 +131,10 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The checkpoint's contents without loading its tensors (mmap); a clear error for a foreign or broken file."""
+    """The checkpoint's contents without loading its tensors (mmap); a clear error for a foreign or broken file.
+    For a DeepSpeed directory: the Lightning entries DeepSpeed stores beside rank 0's model states."""
+    if Path(path).is_dir():
+        return _deepspeed_meta(Path(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, pickle of arbitrary objects refused by weights_only, ...
@@ -90,6 +142,29 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
                        "by hmlm fit") from None
     if not isinstance(ckpt, dict) or "global_step" not in ckpt:
         raise FitError(f"{path}: not a Lightning checkpoint written by hmlm fit (no global_step)")
+    return ckpt
+
+
+def _deepspeed_meta(path: Path) -> dict[str, Any]:
+    """DeepSpeed keeps Lightning's checkpoint dict (minus state_dict/optimizer_states) as `client_state` in
+    `<tag>/*model_states.pt`, next to its own entries; `module` holds the weights (ZeRO 1/2; a stub under ZeRO-3)."""
+    tag_file = path / "latest"
+    tag = tag_file.read_text(encoding="utf-8").strip() if tag_file.is_file() else "checkpoint"
+    states = sorted((path / tag).glob("*model_states.pt"))
+    if not states:
+        raise FitError(f"{path}: a directory, but not a checkpoint written by hmlm fit under DeepSpeed (no "
+                       f"{tag}/*model_states.pt)")
+    try:
+        ckpt = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise FitError(f"{states[0]}: cannot read this checkpoint ({short_reason(exc)}); it is corrupt or was not "
+                       "written by hmlm fit") from None
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+        raise FitError(f"{path}: not a Lightning checkpoint written by hmlm fit (no global_step)")
+    module = ckpt.get("module")
+    if isinstance(module, dict) and module and not ckpt.get("param_shapes_partitioned", False) \
+            and "zero_pp_rank" not in states[0].name:
+        ckpt["state_dict"] = module
     return ckpt
 
 
@@ -141,13 +216,18 @@ def file_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A Lightning checkpoint file, or a DeepSpeed checkpoint directory (`latest` names its tag)."""
+    return path.is_file() or (path.is_dir() and (path / "latest").is_file())
+
+
 def run_checkpoints(ckpt_dir: Path) -> list[Path]:
     """last.ckpt and step-*.ckpt of a run, newest first by the step in their names (last.ckpt leads)."""
     if not ckpt_dir.is_dir():
         return []
-    steps = sorted((p for p in ckpt_dir.iterdir() if p.is_file() and file_step(p) is not None),
+    steps = sorted((p for p in ckpt_dir.iterdir() if _is_checkpoint(p) and file_step(p) is not None),
                    key=lambda p: (file_step(p), p.name), reverse=True)
-    last = [p for p in ckpt_dir.glob("last*.ckpt") if p.is_file()]
+    last = [p for p in ckpt_dir.glob("last*.ckpt") if _is_checkpoint(p)]
     return sorted(last, key=lambda p: p.name) + steps
 
 
@@ -167,8 +247,8 @@ def resolve_resume(out_dir: Path, name: str | None, *, verify: bool, command: st
     ckpt_dir = Path(out_dir) / "checkpoints"
     found = run_checkpoints(ckpt_dir)
     if name is not None:
-        path = Path(name) if Path(name).is_file() else ckpt_dir / name
-        if not path.is_file():
+        path = Path(name) if _is_checkpoint(Path(name)) else ckpt_dir / name
+        if not _is_checkpoint(path):
             listing = ", ".join(p.name for p in found) or "none"
             raise FitError(f"--resume {name}: no such checkpoint (looked for {Path(name)} and {ckpt_dir / name}); "
                            f"checkpoints of this run: {listing}")

@@ -28,6 +28,7 @@ from ..index import read_index_meta, use_index
 from ..model import build_model
 from ..utils import atomic_write_path
 from .checkpoints import ChecksummedCheckpointIO, RecipeStamp
+from .deepspeed import is_deepspeed
 from .datamodule import ShardDataModule
 from .errors import FitError, short_reason
 from .guard import NonFiniteGuard, first_nonfinite_weight
@@ -50,6 +51,9 @@ def init_anchor_from(model, source: str) -> None:
         except ValueError as exc:
             raise FitError(str(exc)) from None
         return
+    if src.is_dir() and (src / "latest").is_file():
+        raise FitError(f"anchor.init_from: {src} is a DeepSpeed checkpoint directory; give the run's model/ directory, "
+                       f"or convert it to one file first (`python {src / 'zero_to_fp32.py'} {src} <out-dir>`)")
     if src.is_dir():
         from safetensors.torch import load_model
 
@@ -166,6 +170,10 @@ def _train(recipe: Recipe, state: RunState, index_dir: Path, run: RunDir | None,
         skipped = "".join(f"; skipped {s}" for s in state.resume.skipped)
         console.print(f"[bold]fit[/] resuming from {state.resume.path} (step {state.resume.step}){skipped}")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    if is_deepspeed(recipe.trainer.strategy):
+        from .deepspeed import release_from_engine
+
+        release_from_engine(module.model)  # every rank: full tensors of the anchor again, for the export
     train_seconds = time.perf_counter() - t0
     result: dict[str, Any] = {"out_dir": str(out_dir), "steps": trainer.global_step,
                               "seconds": round(train_seconds, 1)}
@@ -246,15 +254,23 @@ def _trainer(recipe: Recipe, state: RunState, first_callbacks: list[Any], run: R
     else:
         console.print("[yellow]fit[/] tensorboard is not installed: logging to CSV only (pip install tensorboard)")
     strategy: Any = t.strategy
+    precision = precision_for(recipe)
+    on_saved = run.commit if run is not None else None
     if t.data_parallel == "subtree" and strategy == "ddp":
         from .affine import subtree_ddp_strategy
 
         strategy = subtree_ddp_strategy()  # also runs a frozen anchor (DDP proper refuses a module it can't train)
+    elif is_deepspeed(strategy):
+        from .deepspeed import build_strategy, lightning_precision
+
+        # checkpoint directories, checksummed and swapped in atomically by the strategy itself
+        strategy = build_strategy(recipe, precision, on_saved=on_saved, verify=verify)
+        precision = lightning_precision(precision)
     # checksummed checkpoints; the first one written lets a run replaced by --overwrite go (RunDir.commit)
-    ckpt_io = ChecksummedCheckpointIO(verify=verify, on_saved=run.commit if run is not None else None)
+    ckpt_io = ChecksummedCheckpointIO(verify=verify, on_saved=on_saved)
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=strategy, plugins=[ckpt_io],
-        precision=precision_for(recipe), max_steps=t.max_steps, max_epochs=-1,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, plugins=[ckpt_io],
+        precision=precision, max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.val_every if validate else None, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if validate else 0, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
@@ -291,7 +307,7 @@ def _merged_model(recipe: Recipe, trainer: L.Trainer, module: HMLMModule):
     return MemoryLM(module.model.anchor, module.model.layout, full)
 
 
-def _heldout(model_dir: Path, model: MemoryLM, index_dir: Path, n_val: int, device, recipe: Recipe, progress: bool,
+def _heldout(model_dir: Path, model: "MemoryLM", index_dir: Path, n_val: int, device, recipe: Recipe, progress: bool,
              console: Console) -> dict[str, float | None]:
     from ..eval.perplexity import heldout_perplexity
 

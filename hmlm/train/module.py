@@ -15,12 +15,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics import Metric
 
 from ..config import Recipe
 from ..loss import lm_nll
 from ..model import MemoryLM
-from .step import BankOptimizer, TrainStep, build_anchor_optimizer
+from .step import BankOptimizer, TrainStep, anchor_param_groups, build_anchor_optimizer
 
 
 class HeldoutPerplexity(Metric):
@@ -59,10 +60,16 @@ class _LightningEngine:
         self.module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def step(self, optimizers) -> None:
-        # exactly one Lightning-wrapped step per batch (it advances global_step): the last optimizer's
-        for opt in optimizers[:-1]:
+        # exactly one Lightning-wrapped step per batch (it advances global_step): the last wrapped optimizer's; an
+        # optimizer Lightning does not hold (the bank's under DeepSpeed, which takes exactly one) steps by itself
+        wrapped = [opt for opt in optimizers if isinstance(opt, LightningOptimizer)]
+        for opt in wrapped[:-1]:
             opt.optimizer.step()
-        optimizers[-1].step()
+        if wrapped:
+            wrapped[-1].step()
+        for opt in optimizers:
+            if not isinstance(opt, LightningOptimizer):
+                opt.step()
 
 
 class HMLMModule(L.LightningModule):
@@ -87,6 +94,8 @@ class HMLMModule(L.LightningModule):
         # what the progress bar shows: plain floats refreshed on logging steps (a tensor there would sync every step)
         self.progress_metrics: dict[str, float] = {}
         self.skip_update = False  # set after backward by hmlm.train.guard (trainer.nonfinite.skip): drop this batch
+        # DeepSpeed takes exactly one optimizer (the anchor's): the bank's is then stepped here, outside Lightning
+        self.external_bank_optimizer: BankOptimizer | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -145,8 +154,8 @@ class HMLMModule(L.LightningModule):
         info = {"comm": self.comm_counter.as_dict(), "steps": self.global_step,
                 "segment_steps": self.global_step - getattr(self, "_segment_start", 0),
                 "plan": self.subtree_plan.summary(),
-                "anchor_grad_bytes": sum(p.numel() * p.element_size() for p in self.model.anchor.parameters()
-                                         if p.requires_grad)}
+                "anchor_grad_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size()  # ZeRO-3: full size
+                                         for p in self.model.anchor.parameters() if p.requires_grad)}
         if self.model.store is not None:
             save_rank_bank(self.model.store, out, rank=rank, world=world, info=info)
         else:
@@ -156,11 +165,21 @@ class HMLMModule(L.LightningModule):
         self.trainer.strategy.barrier("hmlm-rank-banks")  # rank 0 merges once every rank has written
 
     def configure_optimizers(self):
+        from .deepspeed import anchor_optimizer, is_deepspeed
+
         opts: list[torch.optim.Optimizer] = []
+        deepspeed = is_deepspeed(self.recipe.trainer.strategy)
         if self.train_anchor:
-            opts.append(build_anchor_optimizer(self.model.anchor, self.recipe.optim.anchor))
+            if deepspeed:
+                opts.append(anchor_optimizer(self.recipe, anchor_param_groups(self.model.anchor, self.recipe.optim.anchor)))
+            else:
+                opts.append(build_anchor_optimizer(self.model.anchor, self.recipe.optim.anchor))
         if self.train_memory:
-            opts.append(BankOptimizer(self.model.store, self.recipe.optim.memory, sync=lambda: self.bank_sync))
+            bank = BankOptimizer(self.model.store, self.recipe.optim.memory, sync=lambda: self.bank_sync)
+            if deepspeed:
+                self.external_bank_optimizer = bank
+            else:
+                opts.append(bank)
         return opts
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -190,8 +209,10 @@ class HMLMModule(L.LightningModule):
         step = self.global_step
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
+        bank_opt = self.external_bank_optimizer
         anchor_opt = opts[0] if self.train_anchor else None
-        bank_opt = opts[-1] if self.train_memory else None
+        if bank_opt is None and self.train_memory:
+            bank_opt = opts[-1]
         rank, world = self._world()
         loss = self.step_fn(batch, step=step, anchor_opt=anchor_opt, bank_opt=bank_opt, engine=self._engine,
                             rank=rank, world=world, groups=self._reference_ranks())
@@ -205,7 +226,9 @@ class HMLMModule(L.LightningModule):
                 metrics["lr/anchor"] = anchor_opt.param_groups[0]["lr"]
             if bank_opt is not None:
                 metrics["lr/memory"] = bank_opt.param_groups[0]["lr"]
-                metrics.update({f"memory/{k}": float(v) for k, v in bank_opt.optimizer.last_stats.items()})
+                # Lightning wraps the optimizers it holds; the bank's under DeepSpeed is held here, unwrapped
+                stats = getattr(bank_opt, "optimizer", bank_opt).last_stats
+                metrics.update({f"memory/{k}": float(v) for k, v in stats.items()})
             self.log_dict(metrics, on_step=True, on_epoch=False)
             self.progress_metrics = {"loss": value}
         return loss

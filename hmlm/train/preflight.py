@@ -76,6 +76,12 @@ def check_devices(recipe: Recipe, source: str) -> None:
     if t.accelerator == "mps" and not torch.backends.mps.is_available():
         raise bad_key(source, "trainer.accelerator", "'mps' needs Apple-silicon MPS, which this machine does not have; "
                                                   "use trainer.accelerator=auto or cpu")
+    from ..config import DEEPSPEED_STRATEGIES
+
+    if t.strategy in DEEPSPEED_STRATEGIES:
+        from .deepspeed import check_available
+
+        check_available(recipe, source)
     import lightning as L
 
     # Lightning validates the combination of accelerator, devices, strategy and precision when a Trainer is built;
@@ -84,13 +90,15 @@ def check_devices(recipe: Recipe, source: str) -> None:
     level = banner.level
     banner.setLevel(logging.WARNING)
     try:
-        L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=precision_for(recipe),
+        L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                  precision=precision_for(recipe),
                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   max_steps=1)
     except Exception as exc:  # MisconfigurationException, ValueError, RuntimeError: Lightning's own explanation
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"{source}: keys `trainer.accelerator`={t.accelerator!r}, `trainer.devices`={t.devices!r}, "
-                          f"`trainer.strategy`={t.strategy!r}, `trainer.precision`={t.precision!r} do not work "
+                          f"`trainer.strategy`={t.strategy!r}, `trainer.precision`={t.precision!r}, "
+                          f"`trainer.num_nodes`={t.num_nodes!r} do not work "
                           f"here: {first}") from None
     finally:
         banner.setLevel(level)

@@ -83,16 +83,20 @@ class BankOptimizer(torch.optim.Optimizer):
                                      grad_norm=norm)
 
 
+def anchor_param_groups(anchor: torch.nn.Module, cfg: "OptimConfig") -> list[dict[str, Any]]:
+    """The anchor's trainable parameters in two AdamW groups: weight decay on matrices only."""
+    named = [(n, p) for n, p in anchor.named_parameters() if p.requires_grad]
+    return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def build_anchor_optimizer(anchor: torch.nn.Module, cfg: "OptimConfig") -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only; torch's fused implementation where it has one (CUDA and CPU: one
     kernel over all parameters instead of ~10 per parameter; 4x faster on the quickstart's CPU, same result to 1e-8)."""
-    named = [(n, p) for n, p in anchor.named_parameters() if p.requires_grad]
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
-    fused = bool(named) and all(p.device.type in ("cuda", "cpu") for _, p in named)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    groups = anchor_param_groups(anchor, cfg)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 class TrainStep:
