@@ -25,7 +25,7 @@ from rich.table import Table
 from ..config import Recipe, to_yaml
 from ..export import load_model_dir, save_model_dir
 from ..index import read_index_meta, use_index
-from ..model import build_model
+from ..model import MemoryLM, build_model
 from ..utils import atomic_write_path
 from .checkpoints import ChecksummedCheckpointIO, RecipeStamp
 from .deepspeed import is_deepspeed
@@ -299,7 +299,7 @@ def _merged_model(recipe: Recipe, trainer: L.Trainer, module: HMLMModule):
             or module.model.store is None:
         return module.model
     from ..bank.merge import merge_rank_banks, rank_dirs
-    from ..model import MemoryLM, build_store
+    from ..model import build_store
 
     # every rank wrote its blocks to out_dir/ranks/ (HMLMModule.on_train_end)
     out_dir = Path(recipe.out_dir)
@@ -307,7 +307,7 @@ def _merged_model(recipe: Recipe, trainer: L.Trainer, module: HMLMModule):
     return MemoryLM(module.model.anchor, module.model.layout, full)
 
 
-def _heldout(model_dir: Path, model: "MemoryLM", index_dir: Path, n_val: int, device, recipe: Recipe, progress: bool,
+def _heldout(model_dir: Path, model: MemoryLM, index_dir: Path, n_val: int, device, recipe: Recipe, progress: bool,
              console: Console) -> dict[str, float | None]:
     from ..eval.perplexity import heldout_perplexity
 
