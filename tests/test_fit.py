@@ -88,3 +88,13 @@ def test_in_training_knowledge_eval_logs_bucket_accuracies(tiny_recipe, tmp_path
     assert "eval/hmlm_atomic_number/fetched/exact_match" in logged or \
         any(k.startswith("eval/hmlm_atomic_number/fetched/") for k in logged)
     assert any("acc_bucket_" in k for k in logged)
+
+
+def test_bf16_mixed_fit_clips_with_the_fused_optimizer(tiny_recipe, tmp_path):
+    """bf16-mixed is what `auto` means on a GPU; Lightning's mixed-precision plugin refuses to clip torch's fused
+    AdamW (it can unscale by itself), which ended every GPU fit with optim.anchor.grad_clip > 0 at its first step
+    (found by the reproduction's second GPU call); CPU bf16-mixed goes through the same plugin."""
+    recipe = tiny_recipe(**{"out_dir": str(tmp_path / "run"), "index.dir": str(tmp_path / "index"),
+                            "trainer.precision": "bf16-mixed", "trainer.max_steps": 2, "optim.anchor.grad_clip": 0.5})
+    fit(recipe, progress=False, final_eval=False)
+    assert sorted(losses(tmp_path / "run")) and (tmp_path / "run" / "model" / "model.json").is_file()

@@ -57,7 +57,20 @@ class _LightningEngine:
         return drop
 
     def clip(self, optimizer, max_norm: float) -> None:
-        self.module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        if getattr(self.module.trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 with a GradScaler: Lightning unscales before clipping (build_anchor_optimizer then isn't fused)
+            self.module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            return
+        # No scaler (fp32, bf16-mixed): the gradients are true gradients, so clip them as Lightning would after its
+        # checks. Its MixedPrecision plugin refuses any optimizer that can unscale by itself -- torch's fused AdamW --
+        # even under bf16, where there is nothing to unscale. Under DeepSpeed the engine clips (its config's
+        # gradient_clipping) and Lightning's clip is a no-op, so nothing is done here either.
+        from .deepspeed import is_deepspeed
+
+        if is_deepspeed(self.module.recipe.trainer.strategy):
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def step(self, optimizers) -> None:
         # exactly one Lightning-wrapped step per batch (it advances global_step): the last wrapped optimizer's; an
@@ -173,7 +186,8 @@ class HMLMModule(L.LightningModule):
             if deepspeed:
                 opts.append(anchor_optimizer(self.recipe, anchor_param_groups(self.model.anchor, self.recipe.optim.anchor)))
             else:
-                opts.append(build_anchor_optimizer(self.model.anchor, self.recipe.optim.anchor))
+                opts.append(build_anchor_optimizer(self.model.anchor, self.recipe.optim.anchor,
+                                                   fused=not str(self.recipe.trainer.precision).startswith("16")))
         if self.train_memory:
             bank = BankOptimizer(self.model.store, self.recipe.optim.memory, sync=lambda: self.bank_sync)
             if deepspeed:
