@@ -13,6 +13,8 @@ os.environ.setdefault("HMLM_CACHE", str(Path(__file__).resolve().parent.parent /
 
 REPO = Path(__file__).resolve().parent.parent
 
+from hmlm.testing import assert_per_sample_isolation  # noqa: E402,F401  (tests import it from here; the kit owns it)
+
 
 def write_small_corpus(path: Path, n_docs: int = 400) -> Path:
     """Every k-th document of the bundled corpus (facts and real text), deterministic."""
@@ -76,22 +78,6 @@ def tiny_model_dir(tmp_path_factory, small_corpus) -> Path:
     recipe = recipe_from_dict(tiny_recipe_dict(small_corpus, out, **{"trainer.max_steps": 20}))
     result = fit(recipe, progress=False, final_eval=False)
     return Path(result["model_dir"])
-
-
-def assert_per_sample_isolation(model, ids, paths, j: int, branching: int) -> None:
-    """Moving sample j to other blocks changes sample j's output and leaves every other sample's bit-identical."""
-    import torch
-
-    levels = paths.shape[1]
-    base = model(ids, paths=paths, memory="fetched")
-    moved = paths.clone()
-    moved[j] = (moved[j] + 1) % torch.tensor([branching ** (lvl + 1) for lvl in range(levels)])
-    out = model(ids, paths=moved, memory="fetched")
-    for i in range(ids.shape[0]):
-        if i == j:
-            assert not torch.allclose(out[i], base[i])
-        else:
-            torch.testing.assert_close(out[i], base[i], rtol=0, atol=0)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
