@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,34 @@ def tiny_model_dir(tmp_path_factory, small_corpus) -> Path:
     recipe = recipe_from_dict(tiny_recipe_dict(small_corpus, out, **{"trainer.max_steps": 20}))
     result = fit(recipe, progress=False, final_eval=False)
     return Path(result["model_dir"])
+
+
+# the example third-party plugins in plugins/ (each its own package) and their top-level modules
+EXAMPLE_PLUGINS = ("hmlm-relu2-memory", "hmlm-pkm", "hmlm-randproj-router")
+EXAMPLE_MODULES = ("hmlm_relu2_memory", "hmlm_pkm", "hmlm_randproj_router")
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory):
+    """The example packages installed (one pip call) into a throwaway site-packages, as `pip install` would."""
+    site = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), *(str(REPO / "plugins" / p) for p in EXAMPLE_PLUGINS)], check=True,
+                   capture_output=True)
+    return site
+
+
+@pytest.fixture
+def installed_plugin(plugin_site, monkeypatch):
+    """The example plugins visible to the registry for one test (recipes/plugins/*.yaml need them)."""
+    from hmlm import registry
+
+    monkeypatch.syspath_prepend(str(plugin_site))
+    registry.clear_cache()
+    yield
+    for mod in [m for m in sys.modules if m.startswith(EXAMPLE_MODULES)]:
+        sys.modules.pop(mod, None)
+    registry.clear_cache()
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
