@@ -12,8 +12,6 @@ p*k + j, so the child directions of level l are stored as one [k**(l+1), dim] ma
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from hmlm.protocols import PLUGIN_API
+from hmlm.routers.blocking import blocked_masks
+from hmlm.utils import atomic_write_path
 
 __version__ = "0.1.0"
 FORMAT = "hmlm-randproj-1"
@@ -100,7 +100,7 @@ class RandomProjectionRouter:
     def route(self, embeddings: np.ndarray, *, blocked: Sequence[tuple[int, int]] = ()) -> np.ndarray:
         x = self._check(embeddings, fitted=True)
         k = self.branching
-        masks = self._blocked(blocked)
+        masks = blocked_masks(blocked, self.branching, self.levels, "randproj.route")  # hmlm's shared parser
         paths = np.empty((len(x), self.levels), dtype=np.int64)
         parent = np.zeros(len(x), dtype=np.int64)
         for lv in range(self.levels):
@@ -115,17 +115,6 @@ class RandomProjectionRouter:
                 scores = np.where(blocked_children, -np.inf, scores)
             parent = paths[:, lv] = parent * k + scores.argmax(1)
         return paths
-
-    def _blocked(self, blocked: Sequence[tuple[int, int]]) -> dict[int, np.ndarray]:
-        masks: dict[int, np.ndarray] = {}
-        for item in blocked:
-            lv, node = (int(v) for v in item)
-            size = self.branching ** (lv + 1)
-            if not 0 <= lv < self.levels or not 0 <= node < size:
-                raise ValueError(f"randproj.route: blocked ({lv}, {node}) is outside the tree (levels 0..{self.levels - 1},"
-                                 f" level {lv} has nodes 0..{size - 1})")
-            masks.setdefault(lv, np.zeros(size, dtype=bool))[node] = True
-        return masks
 
     def _check(self, embeddings: np.ndarray, *, fitted: bool) -> np.ndarray:
         x = np.asarray(embeddings, dtype=np.float32)
@@ -148,14 +137,8 @@ class RandomProjectionRouter:
         meta = {"format": FORMAT, "k": str(self.branching), "levels": str(self.levels), "seed": str(self.seed),
                 "dim": str(self.dim), "candidates": str(self.options.candidates), "center": str(self.options.center),
                 "fit_stats": json.dumps(self.fit_stats)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write_path(path) as tmp:   # hmlm's helper: a temp file beside `path`, renamed onto it
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "RandomProjectionRouter":
