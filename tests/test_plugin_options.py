@@ -160,3 +160,11 @@ def test_plugins_table_fits_80_columns():
     lines = out.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80
     assert any("ffn" in line and "hmlm 0.1.0" in line for line in lines)  # one row per plugin, not wrapped cells
+
+
+def test_bench_memory_types_all_includes_plugin_types(site):  # noqa: F811
+    from hmlm.bench.memory_types import resolve_types
+
+    make_dist(site, "fake-mem", {"hmlm.memories": {"fake-mem": f"{FAKE}mem:M"}}, {f"{FAKE}mem": "class M: pass\n"})
+    assert "fake-mem" in resolve_types("all") and {"ffn", "kv"} <= set(resolve_types("all"))
+    assert resolve_types("ffn,fake-mem") == ["ffn", "fake-mem"]
