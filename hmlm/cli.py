@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print each world size's training plan and bank share; start no process")
     b = bench.add_parser("memory-types", help="train every memory type at equal fetched size, then evaluate all")
     _recipe_args(b)
-    b.add_argument("--types", default="ffn,lora-qk,lora-vo,lora-ffn,kv")
+    b.add_argument("--types", default="ffn,lora-qk,lora-vo,lora-ffn,kv",
+                   help="comma-separated memory types (plugin types included), or `all` for every installed one")
     b.add_argument("--out-dir", type=Path, default=Path("runs/memory-types"))
     b.add_argument("--tasks", default=None, help="comma-separated eval tasks (default: hmlm eval's default set)")
     b.add_argument("--limit", type=int, default=None, help="items per task")
@@ -236,11 +237,11 @@ def _bench(args, recipe) -> int:
         console.print(table)
         return 0
     if args.bench == "memory-types":
-        from .bench.memory_types import run as run_types
+        from .bench.memory_types import resolve_types, run as run_types
         from .eval.tasks import DEFAULT_TASKS
 
         tasks = [t for t in (args.tasks or "").split(",") if t] or list(DEFAULT_TASKS)
-        run_types(recipe, vocab_size=_vocab_for(recipe), types=[t for t in args.types.split(",") if t],
+        run_types(recipe, vocab_size=_vocab_for(recipe), types=resolve_types(args.types),
                   out_dir=args.out_dir, tasks=tasks, limit=args.limit, console=console)
         return 0
 

@@ -42,6 +42,7 @@ class DataConfig:
 @dataclass
 class EmbedderConfig:
     name: str = "minilm"
+    options: dict[str, Any] = field(default_factory=dict)  # the embedder plugin's own options (its `Options` dataclass)
     batch_size: int = 64
     max_length: int = 256        # word pieces per document seen by MiniLM (its trained limit)
     dim: int = 384               # only used by embedders without a fixed width (hashing)
@@ -53,6 +54,7 @@ class EmbedderConfig:
 @dataclass
 class RouterConfig:
     name: str = "hkmeans"
+    options: dict[str, Any] = field(default_factory=dict)  # the router plugin's own options (its `Options` dataclass)
     branching: int = 16          # k; paper: 16
     levels: int = 4              # tree depth; paper: 4
     iters: int = 20              # mini-batch EM steps per node; paper: 20
@@ -70,6 +72,7 @@ class IndexConfig:
 @dataclass
 class AnchorConfig:
     name: str = "openlm"
+    options: dict[str, Any] = field(default_factory=dict)  # the anchor plugin's own options (its `Options` dataclass)
     preset: str = "tiny"         # tiny / 160m / 410m / 1.4b; fields below override it when set
     n_layers: Optional[int] = None
     d_model: Optional[int] = None
@@ -91,12 +94,14 @@ class AnchorConfig:
 @dataclass
 class MemoryConfig:
     type: str = "ffn"
+    options: dict[str, Any] = field(default_factory=dict)  # the memory type plugin's own options (its `Options` dataclass)
     sizes: list[int] = field(default_factory=lambda: [256, 64, 16, 0])  # r_1..r_L per level (paper 160M); zeros = no memory
     placement: str = "all"       # all | first:N | middle:N | last:N | layers:i,j,k
     generic: bool = True         # train a context-free generic block of the fetched size (control)
     generic_prob: Optional[float] = None   # per-sequence probability of using generic memory; None = 1/(k+1) in cotrain, 0 otherwise
     store: str = "tiered"        # bank store plugin: tiered (per-level tiers below) | device | host (every level on
                                  # that tier; shorthands kept for older recipes) | a third-party store
+    store_options: dict[str, Any] = field(default_factory=dict)  # the store plugin's own options
     dtype: str = "float32"       # storage dtype of the bank: float32 | bfloat16
     # where each level lives (store=tiered): `auto` (planned from the memory budgets and each level's size and reuse),
     # one tier for every level (device | host | disk), or a list with one tier per entry of `sizes`. The generic block
@@ -206,9 +211,6 @@ MODES = ("anchor", "memory", "cotrain", "scratch")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16", "32", "16", "bf16", "64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "xla")
-# recipe key -> plugin group whose registered names it may take (checked against the installed entry points)
-PLUGIN_KEYS = {"anchor.name": "anchors", "memory.type": "memories", "memory.store": "stores",
-               "index.router.name": "routers", "index.embedder.name": "embedders"}
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
@@ -413,7 +415,9 @@ def validate(r: Recipe, source: str) -> None:
     _validate_budget_and_io(r, bad)
     for group_name, cfg in (("optim.anchor", r.optim.anchor), ("optim.memory", r.optim.memory)):
         _validate_optim(group_name, cfg, bad)
-    _validate_plugins(r, bad)
+    from .plugin_config import check_recipe_plugins  # names, imports and plugin-owned options (plugin_config.py)
+
+    check_recipe_plugins(r, source)
     from .memories.placement import parse_placement  # local: placement is shared with the memories package
 
     try:
@@ -502,17 +506,3 @@ def _validate_optim(prefix: str, o: OptimConfig, bad) -> None:
         bad(f"{prefix}.eps", f"must be > 0, got {o.eps}")
     if not o.grad_clip >= 0:
         bad(f"{prefix}.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}")
-
-
-def _validate_plugins(r: Recipe, bad) -> None:
-    """Every plugin name against the installed entry points (metadata only: nothing is imported here)."""
-    from . import registry  # local: the registry reads distribution metadata, which a plain load_recipe may skip
-
-    for key, group in PLUGIN_KEYS.items():
-        node: Any = r
-        for part in key.split("."):
-            node = getattr(node, part)
-        known = registry.names(group)
-        if node not in known:
-            bad(key, f"unknown {group} plugin {node!r}; installed: {', '.join(known) or '(none)'} "
-                     "(`hmlm plugins` lists them with their packages)")

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .config import Recipe, recipe_from_dict, to_dict
+from .plugin_config import check_recorded_plugins, recipe_plugins
 from .data.tokenizer import Tokenizer
 from .model import MemoryLM, build_anchor, build_layout, build_store
 from .utils import atomic_dir, read_json_artifact, sha256_file, verify_checksums, versions, write_json
@@ -75,6 +76,9 @@ def save_model_dir(model: MemoryLM, recipe: Recipe, index_dir: Path, out: Path, 
                       "counts": index_meta["counts"], "corpus": index_meta["corpus"]},
             "eval_data": eval_data,
             "versions": versions(),
+            # which installed distribution provided each plugin: a model trained with a plugin that is not installed
+            # where it is loaded then names the package to install instead of a bare "unknown plugin"
+            "plugins": recipe_plugins(recipe),
             "checksums": sums,
             # bank files are verified block by block while they are read (a file-level sha256 of a multi-GB level
             # would cost minutes per load); this ties each file's checksum table to this export
@@ -195,6 +199,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", veri
                             f"{', '.join(map(str, READABLE_FORMATS))}")
     if verify and model is None:
         verify_model_files(path, meta)
+    check_recorded_plugins(meta.get("plugins"), str(meta_path))
     recipe = recipe_from_dict(meta["recipe"], source=str(meta_path))
     if embedder_path is not None:
         recipe.index.embedder.path = None if str(embedder_path) == "package" else str(embedder_path)

@@ -30,6 +30,7 @@ from .data.corpus import read_corpus
 from .data.packing import pack_by_leaf, write_shards
 from .data.tokenizer import Tokenizer, build_tokenizer
 from .embedders import fingerprint_fields as embedder_fingerprint
+from .plugin_config import create
 from .utils import (FileLock, atomic_dir, read_json_artifact, recover_atomic_dir, sha256_file, verify_checksums, versions,
                     write_json)
 
@@ -45,9 +46,17 @@ def fingerprint(recipe: Recipe) -> str:
     data = asdict(recipe.data)
     data.pop("num_workers", None)
     data.pop("doc_mask", None)  # the shards always carry doc ids; masking is a training-time choice
-    key = {"data": data, "embedder": embedder_fingerprint(recipe.index.embedder),
-           "router": asdict(recipe.index.router), "seed": recipe.seed, "format": INDEX_FORMAT}
+    key = {"data": data, "embedder": _without_empty_options(embedder_fingerprint(recipe.index.embedder)),
+           "router": _without_empty_options(asdict(recipe.index.router)), "seed": recipe.seed, "format": INDEX_FORMAT}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_empty_options(section: dict[str, Any]) -> dict[str, Any]:
+    # plugin options change the index, but an empty mapping must not: indexes built before plugins took options
+    # keep their fingerprint
+    if not section.get("options"):
+        section.pop("options", None)
+    return section
 
 
 def corpus_path(recipe: Recipe) -> Path:
@@ -59,11 +68,11 @@ def corpus_path(recipe: Recipe) -> Path:
 
 
 def build_embedder(recipe: Recipe):
-    return registry.get("embedders", recipe.index.embedder.name).from_config(recipe.index.embedder, seed=recipe.seed)
+    return create("embedders", recipe, "from_config", recipe.index.embedder, seed=recipe.seed)
 
 
 def build_router(recipe: Recipe):
-    return registry.get("routers", recipe.index.router.name).from_config(recipe.index.router, seed=recipe.seed)
+    return create("routers", recipe, "from_config", recipe.index.router, seed=recipe.seed)
 
 
 def load_router(recipe_or_name: Recipe | str, path: Path):

@@ -21,6 +21,7 @@ from .bank.layout import BankLayout
 from .bank.stores import BlockStore
 from .config import Recipe
 from .memories.placement import parse_placement
+from .plugin_config import call_with_options, create
 from .protocols import MemoryContext
 
 MEMORY_MODES = ("fetched", "generic", "none")
@@ -59,20 +60,27 @@ class MemoryLM(nn.Module):
 
 
 def build_anchor(recipe: Recipe, vocab_size: int, *, device: str | torch.device = "cpu") -> nn.Module:
-    cls = registry.get("anchors", recipe.anchor.name)
     with torch.device(device):
-        return cls.from_config(recipe.anchor, vocab_size=vocab_size)
+        return create("anchors", recipe, "from_config", recipe.anchor, vocab_size=vocab_size)
 
 
 def build_layout(recipe: Recipe, anchor: nn.Module) -> BankLayout | None:
     sizes = tuple(recipe.memory.sizes) + (0,) * (recipe.index.router.levels - len(recipe.memory.sizes))
     if recipe.trainer.mode == "anchor" or sum(sizes) == 0:
         return None
-    memory = registry.get("memories", recipe.memory.type)()
+    memory = build_memory_type(recipe)
     layers = parse_placement(recipe.memory.placement, anchor.shape.n_layers)
     assert layers is not None
     return BankLayout(memory=memory, shape=anchor.shape, sizes=sizes, branching=recipe.index.router.branching,
                       layers=tuple(layers))
+
+
+def build_memory_type(recipe: Recipe, name: str | None = None):
+    """The recipe's memory type (or the one called `name`, e.g. in `hmlm bench memory-types`) with its options."""
+    if name is None or name == recipe.memory.type:
+        return create("memories", recipe, None)
+    # another type than the recipe's: the recipe's options belong to its own type, so this one gets its defaults
+    return call_with_options(registry.get("memories", name), None, None, source="recipe", key="memory.options")
 
 
 def plan_tiers(recipe: Recipe, layout: BankLayout, anchor: nn.Module | None = None, *,
@@ -128,13 +136,15 @@ def build_store(recipe: Recipe, layout: BankLayout | None, *, init: bool = True,
     cls = registry.get("stores", recipe.memory.store)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[recipe.memory.dtype]
     if not hasattr(cls, "from_recipe"):  # a third-party store written against the original constructor
-        return cls(layout, generic=recipe.memory.generic, dtype=dtype, seed=recipe.seed, init=init)
+        return create("stores", recipe, None, layout, generic=recipe.memory.generic, dtype=dtype, seed=recipe.seed,
+                      init=init)
     plan = plan_tiers(recipe, layout, anchor, training=training)
     tiers = ["device"] * len(layout.sizes)
     for lp in plan:
         if lp.level is not None:
             tiers[lp.level - 1] = lp.tier
-    store = cls.from_recipe(layout, recipe.memory, seed=recipe.seed, init=init, tiers=tiers, training=training)
+    store = create("stores", recipe, "from_recipe", layout, recipe.memory, seed=recipe.seed, init=init, tiers=tiers,
+                   training=training)
     store.plan = plan
     return store
 

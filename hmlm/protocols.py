@@ -3,6 +3,13 @@
 Each plugin group of the registry (`hmlm.anchors`, `hmlm.memories`, `hmlm.routers`, `hmlm.embedders`,
 `hmlm.stores`) maps a name to a class that follows one of the protocols below. The classes are plain
 Python; nothing here depends on Lightning, so a model can be used without the trainer.
+
+Common to every kind:
+- Options: a plugin may declare a dataclass `Options` (class attribute). The recipe's `options:` mapping beside the
+  plugin's name is validated against it when the recipe is loaded and the typed instance is passed as the keyword
+  argument `options=` of the constructor (memories) or factory (everything else). See hmlm/plugin_config.py.
+- API version: a plugin may declare `hmlm_plugin_api = PLUGIN_API`; the registry refuses another value.
+- `hmlm.testing` holds a conformance kit for each kind; the built-ins pass it in hmlm's own tests.
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ from torch import nn
 #            per-head attention output [B, H, T, dh] before the output projection
 #   ffn_gate / ffn_up   added to the SwiGLU gate (w1) / up (w2) outputs (input: the FFN input, i.e. normed hidden)
 #   ffn_down added to the SwiGLU down projection's (w3) output (input: the SwiGLU hidden [B, T, ffn_dim])
+# The plugin API these contracts describe; raised when a contract changes incompatibly.
+PLUGIN_API = 1
+
 MEMORY_SITES = ("ffn", "attn_q", "attn_k", "attn_v", "attn_o", "attn_kv", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -90,8 +100,25 @@ class Anchor(Protocol):
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
+@runtime_checkable
 class MemoryType(Protocol):
-    """How one memory block looks and acts. Stateless: the bank holds the tensors."""
+    """How one memory block looks and acts. Stateless: the bank holds the tensors.
+
+    Construction: `MemoryType()`, or `MemoryType(options=Options(...))` for a type that declares `Options`.
+
+    Guarantees the bank and the anchors rely on (checked by `hmlm.testing.MemoryTypeTests`):
+    - `sites` is a subset of MEMORY_SITES; the anchor calls `apply` only for those.
+    - `block_spec(shape, r, n)`: every tensor has the layer axis first (length n) and grows linearly along its
+      `rank_axis` (size r there, every other axis independent of r), because a sample's memory is the
+      concatenation of its path's blocks along that axis: block(r1) ++ block(r2) has the shape of block(r1 + r2).
+    - `init_block` fills tensors with a leading node axis [nodes, *shape] in place, deterministically from
+      `generator`, such that `apply` returns zeros (the model starts as its anchor) while gradients can still reach
+      at least one tensor.
+    - `apply(site, slot, x, fetched)`: `fetched[name]` is [B, *spec.shape] in the bank's compute dtype (cast to
+      x.dtype inside); `slot` indexes the layer axis. Returns the delta with the site's output shape ([B, T, d_model]
+      for ffn, attn_o, attn_q/k/v; [B, H, T, head_dim] for attn_kv; see MEMORY_SITES). Sample i's delta depends only
+      on x[i] and the fetched tensors of sample i; batched over samples with no Python loop over them.
+    """
 
     sites: tuple[str, ...]
 
@@ -105,8 +132,15 @@ class MemoryType(Protocol):
         """Per-sample delta for `site` at layer slot `slot`; batched over samples, no Python loop."""
 
 
+@runtime_checkable
 class Embedder(Protocol):
-    """Text -> L2-normalised float32 vectors [N, dim]."""
+    """Text -> L2-normalised float32 vectors [N, dim] (checked by `hmlm.testing.EmbedderTests`).
+
+    Construction: `Embedder.from_config(cfg: hmlm.config.EmbedderConfig, *, seed: int[, options=...])`.
+    `embed` is deterministic (the same texts give the same vectors, in order, whatever the batch split) and
+    returns float32 rows of unit L2 norm; an empty list gives [0, dim]. `identity()` is a JSON-serialisable dict
+    that changes whenever the vector space does (model, width, seed); it is stored in index.json.
+    """
 
     dim: int
     name: str
@@ -117,11 +151,31 @@ class Embedder(Protocol):
         """What identifies this embedder's vector space (stored in the index; checked at load)."""
 
 
+@runtime_checkable
 class Router(Protocol):
-    """A tree over embedding space; `route` maps vectors to one node id per level."""
+    """A tree over embedding space; `route` maps vectors to one node id per level.
 
+    Construction: `Router.from_config(cfg: hmlm.config.RouterConfig, *, seed: int[, options=...])`; `cfg.branching`
+    (k) and `cfg.levels` (L) are the tree's shape, the router's other knobs belong in its `Options`.
+    Guarantees (checked by `hmlm.testing.RouterTests`):
+    - Node ids are global per level and 0-based: level l (0-based, l = 0 are the root's children) has ids in
+      [0, k**(l+1)); the children of node p of level l are p*k + j, j in [0, k), at level l+1. So a path is valid
+      iff path[l+1] // k == path[l], and a bank level holds k**(l+1) blocks.
+    - `fit(embeddings [N, dim] float32)` returns self; with the same seed and embeddings it builds the same tree.
+    - `route(embeddings, blocked=...)` returns int64 [N, L], a pure function of the fitted state. `blocked` holds
+      (level, node) pairs with 0-BASED levels (the CLI's `blocked:<level>:<node>` is 1-based; the eval adapter
+      converts); a blocked node is never returned: descent takes the best unblocked sibling. When every child of a
+      node is blocked, route raises ValueError. A (level, node) outside the tree raises ValueError.
+    - `save(path)` receives the FILE path `<index dir>/tree.safetensors` (its folder exists) and writes exactly that
+      file, atomically; `Router.load(path)` (classmethod) reads it back into a router that routes identically. The
+      file is listed in the index's checksums and copied into model directories.
+    - `name` (the registry name) and `fit_stats` (a JSON-serialisable dict, {} allowed; stored in index.json).
+    """
+
+    name: str
     branching: int
     levels: int
+    fit_stats: dict[str, Any]
 
     def fit(self, embeddings: np.ndarray, *, progress: bool = False) -> "Router": ...
 
@@ -134,12 +188,88 @@ class Router(Protocol):
     def load(cls, path: Path) -> "Router": ...
 
 
+@runtime_checkable
 class Store(Protocol):
-    """Holds the memory bank's blocks for every level and updates them lazily."""
+    """Holds the memory bank's blocks for every level and updates them lazily (hmlm.bank.stores.TieredStore).
 
-    def fetch(self, paths: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    Construction: `Store.from_recipe(layout, memory_cfg, *, seed, init, tiers, training[, options=...])`; a store
+    without `from_recipe` is called as `Store(layout, generic=, dtype=, seed=, init=[, options=])`. Subclassing
+    TieredStore (e.g. to change `updater`, the per-row optimizer) is the easy way to write one.
+    Bank keys are `l{level}` (0-based tree level, only levels with r > 0) and `generic`; a key's rows are the level's
+    nodes in global node-id order, one flat row of `format_of(key).numel` values per node.
+    Guarantees (checked by `hmlm.testing.StoreTests`):
+    - `fetch(paths [B, L] int64 CPU, generic_mask=None, grad=False)` returns {tensor name: [B, *spec(R)]} on the
+      compute device, sample i's blocks of its path concatenated along the rank axis (or the generic block where
+      generic_mask[i]). With grad=True the blocks are leaves; after backward, `fetched_grads()` lists
+      (key, local rows, grad [U, P]) per level and `replace_fetched_grads` swaps them (subtree-parallel reduction).
+    - `step(lr=, weight_decay=, ...)` updates exactly the fetched rows; every other row is bit-identical.
+      `discard_fetched()` drops the pending gradients without an update.
+    - `read_rows(key, rows)` / `write_rows(key, rows, values)` read and overwrite rows; `state_dict()` /
+      `load_state_dict()`, `save(dir)` / `load(dir)` and `save_checkpoint(dir, step)` / `load_checkpoint(dir,
+      manifest)` round-trip the values (and the optimizer state, for the checkpoint) exactly.
+    """
 
-    def step(self, lr: float) -> dict[str, float]: ...
+    def keys(self) -> list[str]: ...
+
+    def format_of(self, key: str) -> Any: ...
+
+    def nodes(self, key: str) -> int: ...
+
+    def tier_of(self, key: str) -> str: ...
+
+    @property
+    def has_generic(self) -> bool: ...
+
+    def to_compute(self, device: torch.device | str) -> "Store": ...
+
+    def fetch(self, paths: torch.Tensor, *, generic_mask: torch.Tensor | None = None,
+              grad: bool = False) -> dict[str, torch.Tensor]: ...
+
+    def prefetch(self, paths: torch.Tensor, *, with_state: bool = True) -> None: ...
+
+    def fetched_grads(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]: ...
+
+    def replace_fetched_grads(self, groups: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> None: ...
+
+    def discard_fetched(self) -> None: ...
+
+    def step(self, *, lr: float, weight_decay: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+             grad_clip: float = 0.0, grad_norm: torch.Tensor | None = None) -> Any: ...
+
+    def read_rows(self, key: str, rows: Any = None, *, with_state: bool = False) -> Any: ...
+
+    def write_rows(self, key: str, rows: Any, values: torch.Tensor) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save(self, directory: Path) -> dict[str, dict]: ...
+
+    def load(self, directory: Path, *, digests: dict[str, dict] | None = None) -> None: ...
+
+    def save_checkpoint(self, directory: Path, step: int) -> dict: ...
+
+    def load_checkpoint(self, directory: Path, manifest: dict) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AnchorPlugin(Protocol):
+    """The class side of an anchor plugin (the instance follows `Anchor`), checked by `hmlm.testing.AnchorTests`.
+
+    `AnchorPlugin.from_config(cfg: hmlm.config.AnchorConfig, *, vocab_size: int[, options=...])` builds the module
+    (under `torch.device(...)` when the caller wants it on the meta device or an accelerator). The instance has
+    `shape` (AnchorShape) and `config.vocab_size`, and at every layer calls `memory.delta(site, layer, x)` for the
+    sites it supports, adding a non-None result to that site's output; with a memory whose deltas are all zero its
+    logits equal those of `forward(input_ids, memory=None)`. `sites` (optional, on the instance) lists the sites it
+    calls; default: all of MEMORY_SITES.
+    """
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, vocab_size: int) -> nn.Module: ...
 
 
 def count_parameters(module: nn.Module) -> int:

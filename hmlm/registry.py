@@ -14,11 +14,15 @@ was not deliberately installed.
 Behaviour:
 - Lazy: listing names reads distribution metadata only; `get()` imports the one plugin asked for.
 - Two different distributions registering one name in one group is an error naming both; it is raised
-  by `get()` of that name and shown by `describe()`. The same distribution seen twice (an editable
+  by `get()` of that name and shown by `describe()`. A built-in name (registered by hmlm itself) cannot be
+  shadowed: hmlm's own plugin keeps the name and the other registration is shown as failed by `describe()`
+  (`hmlm plugins` exits 1), so a third-party package can neither replace nor disable `ffn`. The same distribution seen twice (an editable
   install visible through site-packages and an `.egg-info` in the working directory) is one
   distribution: the copy first on sys.path wins, as it does for imports.
 - A plugin that fails to import raises PluginError from `get()` (chained to the original error) and
   is reported by `describe()`; the other plugins are unaffected.
+- A plugin may declare `hmlm_plugin_api = N` (hmlm.protocols.PLUGIN_API); one written for another API
+  version is refused by `get()` with a message naming its distribution. Undeclared means the current API.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ if TYPE_CHECKING:  # rich is only needed for the CLI listing, so get() never imp
     from rich.table import Table
 
 PREFIX = "hmlm."
+BUILTIN_DIST = "hmlm"  # the distribution whose plugins are the built-ins (pyproject.toml of this repository)
 GROUPS = ("anchors", "memories", "routers", "embedders", "stores")
 
 _HINT = "(installed plugins: run `hmlm plugins`)"
@@ -173,11 +178,45 @@ def get(group: str, name: str) -> Any:
         if not entries:
             known = ", ".join(sorted(_get_index()[short])) or "(none)"
             raise PluginError(f"unknown {short} plugin {name!r}; known: {known} {_HINT}")
-        if len(entries) > 1:
+        builtin = _builtin_entry(entries)
+        if len(entries) > 1 and builtin is None:
             raise PluginError(_collision_message(entries))
-        obj = _load(entries[0])
+        entry = builtin or entries[0]
+        obj = _load(entry)
+        _check_api(entry, obj)
         _loaded[key] = obj
         return obj
+
+
+def _builtin_entry(entries: list[_Entry]) -> _Entry | None:
+    return next((e for e in entries if _normalize_dist(e.dist) == BUILTIN_DIST), None)
+
+
+def _shadow_message(entry: _Entry) -> str:
+    return (f"{entry.group} plugin {entry.name!r} of {entry.dist!r} {entry.version} ({entry.value}) uses the name of "
+            f"an hmlm built-in, which cannot be replaced; hmlm keeps its own {entry.name!r}. Register the plugin "
+            "under another name")
+
+
+def _check_api(entry: _Entry, obj: Any) -> None:
+    from .protocols import PLUGIN_API  # local: protocols imports torch, which listing plugins never needs
+
+    declared = getattr(obj, "hmlm_plugin_api", PLUGIN_API)
+    if declared != PLUGIN_API:
+        raise PluginError(f"{entry.group} plugin {entry.name!r} from distribution {entry.dist!r} {entry.version} "
+                          f"is written for hmlm plugin API {declared!r}; this hmlm provides API {PLUGIN_API}: "
+                          f"install a version of {entry.dist!r} made for it")
+
+
+def provenance(group: str, name: str) -> dict[str, str]:
+    """Which installed distribution provides plugin `name` of `group` (what model.json records)."""
+    short = _group(group)
+    entries = _get_index()[short].get(name) or []
+    entry = _builtin_entry(entries) or (entries[0] if len(entries) == 1 else None)
+    if entry is None:
+        get(short, name)  # raises the unknown-name or collision error
+        raise AssertionError("unreachable")
+    return {"dist": entry.dist, "version": entry.version}
 
 
 def describe(load: bool = True) -> list[PluginInfo]:
@@ -193,9 +232,10 @@ def describe(load: bool = True) -> list[PluginInfo]:
     for group, by_name in index.items():
         for name in sorted(by_name):
             entries = by_name[name]
-            collision = _collision_message(entries) if len(entries) > 1 else None
+            builtin = _builtin_entry(entries)
+            collision = _collision_message(entries) if len(entries) > 1 and builtin is None else None
             for e in entries:
-                error = collision
+                error = collision or (_shadow_message(e) if builtin is not None and e is not builtin else None)
                 if error is None and load:
                     try:
                         get(group, name)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HMLM_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "hmlm-test"))
 
 REPO = Path(__file__).resolve().parent.parent
+
+from hmlm.testing import assert_per_sample_isolation  # noqa: E402,F401  (tests import it from here; the kit owns it)
 
 
 def write_small_corpus(path: Path, n_docs: int = 400) -> Path:
@@ -78,20 +82,32 @@ def tiny_model_dir(tmp_path_factory, small_corpus) -> Path:
     return Path(result["model_dir"])
 
 
-def assert_per_sample_isolation(model, ids, paths, j: int, branching: int) -> None:
-    """Moving sample j to other blocks changes sample j's output and leaves every other sample's bit-identical."""
-    import torch
+# the example third-party plugins in plugins/ (each its own package) and their top-level modules
+EXAMPLE_PLUGINS = ("hmlm-relu2-memory", "hmlm-pkm", "hmlm-randproj-router")
+EXAMPLE_MODULES = ("hmlm_relu2_memory", "hmlm_pkm", "hmlm_randproj_router")
 
-    levels = paths.shape[1]
-    base = model(ids, paths=paths, memory="fetched")
-    moved = paths.clone()
-    moved[j] = (moved[j] + 1) % torch.tensor([branching ** (lvl + 1) for lvl in range(levels)])
-    out = model(ids, paths=moved, memory="fetched")
-    for i in range(ids.shape[0]):
-        if i == j:
-            assert not torch.allclose(out[i], base[i])
-        else:
-            torch.testing.assert_close(out[i], base[i], rtol=0, atol=0)
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory):
+    """The example packages installed (one pip call) into a throwaway site-packages, as `pip install` would."""
+    site = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), *(str(REPO / "plugins" / p) for p in EXAMPLE_PLUGINS)], check=True,
+                   capture_output=True)
+    return site
+
+
+@pytest.fixture
+def installed_plugin(plugin_site, monkeypatch):
+    """The example plugins visible to the registry for one test (recipes/plugins/*.yaml need them)."""
+    from hmlm import registry
+
+    monkeypatch.syspath_prepend(str(plugin_site))
+    registry.clear_cache()
+    yield
+    for mod in [m for m in sys.modules if m.startswith(EXAMPLE_MODULES)]:
+        sys.modules.pop(mod, None)
+    registry.clear_cache()
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

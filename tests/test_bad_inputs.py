@@ -122,6 +122,8 @@ def test_fresh_fit_over_a_run_refuses_without_overwrite(capsys, case):
     ("anchor.name=gpt5", "anchor.name"),
     ("index.router.name=kmeans", "index.router.name"),
     ("index.embedder.name=bert", "index.embedder.name"),
+    ("memory.options.knn=4", "memory.options"),              # ffn declares no options
+    ("index.router.options.candidates=8", "index.router.options"),
 ])
 def test_bad_values_change_nothing_even_with_overwrite(capsys, case, monkeypatch, override, key):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

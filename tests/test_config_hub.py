@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 from hmlm.anchors.openlm import PRESETS
 from hmlm.cli import main
-from hmlm.config import load_recipe
+from hmlm.config import RecipeError, load_recipe
 from hmlm.memories.placement import parse_placement
 
 RECIPES = REPO / "recipes"
@@ -24,7 +24,8 @@ def shipped(folder: Path, pattern: str = "*.yaml") -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if not p.name.startswith("_"))
 
 
-ALL = sorted(p for p in RECIPES.rglob("*.yaml") if not p.name.startswith("_"))
+PLUGIN_RECIPES = sorted((RECIPES / "plugins").glob("*.yaml"))   # need the example plugins in plugins/ installed
+ALL = sorted(p for p in RECIPES.rglob("*.yaml") if not p.name.startswith("_") and p not in PLUGIN_RECIPES)
 FULL = shipped(PAPER)
 TWINS = shipped(TINY)
 
@@ -87,6 +88,17 @@ def test_every_paper_row_is_shipped_with_a_tiny_twin():
 def test_recipe_loads_and_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem or path.parent == RECIPES
+
+
+@pytest.mark.parametrize("path", PLUGIN_RECIPES, ids=lambda p: p.name)
+def test_plugin_recipe_loads_with_its_plugin_installed(path, installed_plugin):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+
+
+def test_plugin_recipe_without_its_plugin_names_file_and_key():
+    with pytest.raises(RecipeError, match=r"pkm\.yaml: key `memory.type`: unknown memories plugin 'pkm'"):
+        load_recipe(RECIPES / "plugins" / "pkm.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

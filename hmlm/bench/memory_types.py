@@ -21,7 +21,7 @@ from .. import registry
 from ..bank.layout import BankLayout
 from ..config import Recipe
 from ..memories.placement import parse_placement
-from ..model import build_anchor
+from ..model import build_anchor, build_memory_type
 
 DEFAULT_TYPES = ("ffn", "lora-qk", "lora-vo", "lora-ffn", "kv")
 
@@ -29,7 +29,7 @@ DEFAULT_TYPES = ("ffn", "lora-qk", "lora-vo", "lora-ffn", "kv")
 def _layout(recipe: Recipe, mem_type: str, sizes: Sequence[int], vocab_size: int) -> BankLayout:
     anchor = build_anchor(recipe, vocab_size, device="meta")
     layers = parse_placement(recipe.memory.placement, anchor.shape.n_layers)
-    return BankLayout(registry.get("memories", mem_type)(), anchor.shape, tuple(sizes),
+    return BankLayout(build_memory_type(recipe, mem_type), anchor.shape, tuple(sizes),
                       recipe.index.router.branching, tuple(layers))
 
 
@@ -39,6 +39,13 @@ def matched_sizes(recipe: Recipe, mem_type: str, vocab_size: int) -> list[int]:
     unit_ref = ref.block_params(1)
     unit = _layout(recipe, mem_type, [1], vocab_size).block_params(1)
     return [0 if r == 0 else max(1, round(r * unit_ref / unit)) for r in recipe.memory.sizes]
+
+
+def resolve_types(spec: str) -> list[str]:
+    """`--types`: comma-separated memory type names, or `all` for every installed one (plugins included)."""
+    if spec.strip() == "all":
+        return registry.names("memories")
+    return [t for t in spec.split(",") if t]
 
 
 def run(recipe: Recipe, *, vocab_size: int, types: Sequence[str], out_dir: Path, tasks: Sequence[str],
@@ -55,7 +62,9 @@ def run(recipe: Recipe, *, vocab_size: int, types: Sequence[str], out_dir: Path,
     for mem_type in types:
         sizes = matched_sizes(recipe, mem_type, vocab_size)
         run_recipe = replace(recipe, name=f"{recipe.name}-{mem_type}", out_dir=str(out_dir / mem_type),
-                             memory=replace(recipe.memory, type=mem_type, sizes=sizes))
+                             memory=replace(recipe.memory, type=mem_type, sizes=sizes,
+                                            # the recipe's options belong to its own type; others get their defaults
+                                            options=recipe.memory.options if mem_type == recipe.memory.type else {}))
         layout = _layout(run_recipe, mem_type, sizes, vocab_size)
         console.print(f"[bold]bench[/] {mem_type}: sizes {sizes}, fetched {layout.fetched_params():,}, "
                       f"bank {layout.bank_params():,}")

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..utils import atomic_write_path
+from .blocking import blocked_masks
 
 FORMAT = "hmlm.hkmeans/1"
 TREE_FILE = "tree.safetensors"
@@ -261,18 +262,7 @@ class HierarchicalKMeans:
         return out
 
     def _blocked_masks(self, blocked: Sequence[tuple[int, int]]) -> dict[int, np.ndarray]:
-        masks: dict[int, np.ndarray] = {}
-        for item in blocked:
-            try:
-                lv, node = (int(v) for v in item)
-            except (TypeError, ValueError):
-                raise ValueError(f"hkmeans.route: blocked entries must be (level, node) pairs, got {item!r}") from None
-            size = self.branching ** (lv + 1)
-            if not 0 <= lv < self.levels or not 0 <= node < size:
-                raise ValueError(f"hkmeans.route: blocked ({lv}, {node}) is outside the tree: levels are "
-                                 f"0..{self.levels - 1} and level {lv} has nodes 0..{size - 1}")
-            masks.setdefault(lv, np.zeros(size, dtype=bool))[node] = True
-        return masks
+        return blocked_masks(blocked, self.branching, self.levels, "hkmeans.route")
 
     def _check(self, embeddings: np.ndarray, *, need_fit: bool) -> np.ndarray:
         x = np.asarray(embeddings)

@@ -9,12 +9,13 @@ from typing import Mapping
 
 import torch
 
-from hmlm.protocols import AnchorShape, TensorSpec
+from hmlm.protocols import PLUGIN_API, AnchorShape, TensorSpec
 
 __version__ = "0.1.0"
 
 
 class ReLU2Memory:
+    hmlm_plugin_api = PLUGIN_API  # the plugin API this class is written for (the registry checks it)
     sites = ("ffn",)
     init_std = 0.02
 
