@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device LRU of host/disk blocks for the cached phase (default: every level but the deepest)")
     b.add_argument("--disk-dir", type=Path, default=Path("runs/bench-fetch"), help="where disk-tier files go")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b = bench.add_parser("generate", help="decode latency per token of a model dir per memory mode, KV cache on/off")
+    b.add_argument("--model", required=True, metavar="DIR")
+    b.add_argument("--memory", default="fetched,none", help="comma-separated memory modes")
+    b.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt")
+    b.add_argument("--device", default=None)
+    b.add_argument("--no-verify", action="store_true")
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b = bench.add_parser("bank-io", help="bank start-up and export: init, export, load, checkpoint save/load per tier")
     _recipe_args(b)
     b.add_argument("--tiers", default="auto", help="';'-separated tier plans (one tier for all levels, or one per level)")
@@ -335,6 +342,26 @@ def _data(args) -> int:
     return 0
 
 
+def _bench_generate(args) -> int:
+    from rich.table import Table
+
+    from .bench.generate import run_generate_bench
+
+    rows = run_generate_bench(args.model, modes=[m for m in args.memory.split(",") if m], tokens=args.tokens,
+                              device=args.device, verify=not args.no_verify)
+    table = Table(title=f"decode latency, {rows[0]['device']}, {rows[0]['prompts']} prompts x {args.tokens} tokens")
+    for col in ("memory", "kv_cache", "ms_per_token", "route_fetch_ms"):
+        table.add_column(col, justify="left" if col == "memory" else "right")
+    for r in rows:
+        table.add_row(r["memory"], str(r["kv_cache"]), str(r["ms_per_token"]), str(r["route_fetch_ms"]))
+    console.print(table)
+    if args.out:
+        from .utils import write_json
+
+        write_json(args.out, rows)
+    return 0
+
+
 def _convert(args) -> int:
     from .convert import ConvertError, convert_gguf, find_package_gguf
 
@@ -380,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             from .api import generate_from_args
 
             return generate_from_args(args, console, err_console)
+        if args.command == "bench" and args.bench == "generate":
+            return _bench_generate(args)
         if args.command == "convert":
             return _convert(args)
         if args.command == "eval":

@@ -159,3 +159,17 @@ def test_cli_names_a_missing_model_directory(tmp_path, capsys):
 
     assert main(["generate", "--model", str(tmp_path / "nope"), PROMPT]) == 2
     assert "model.json" in capsys.readouterr().err
+
+
+def test_bench_generate_rows(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from hmlm.cli import main
+
+    assert main(["bench", "generate", "--model", str(tiny_model_dir), "--tokens", "2", "--memory", "fetched,none",
+                 "--out", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["memory"], r["kv_cache"]) for r in rows] == [("fetched", True), ("fetched", False), ("none", True),
+                                                           ("none", False)]
+    assert all(r["ms_per_token"] > 0 and r["tokens"] == 2 for r in rows)
+    assert "ms_per_token" in capsys.readouterr().out
