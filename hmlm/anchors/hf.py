@@ -61,7 +61,8 @@ HF_SITES: dict[str, str] = {
 _BOOKKEEPING = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "bos_token_id",
                 "eos_token_id", "pad_token_id", "use_cache", "initializer_range", "output_hidden_states",
                 "output_attentions", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
-                "is_encoder_decoder", "tokenizer_class", "_attn_implementation_autoset", "attn_implementation"}
+                "is_encoder_decoder", "tokenizer_class", "_attn_implementation_autoset", "attn_implementation",
+                "_model_name_or_path", "unk_token_id"}   # the last two: GGUF conversions (general.name, tokenizer)
 
 # AnchorConfig fields that only the openlm anchor reads; an hf recipe that sets them almost surely meant hf_config
 _OPENLM_FIELDS = ("n_layers", "d_model", "n_heads", "head_dim", "ffn_dim", "tied_embeddings", "rope_base", "qk_norm")

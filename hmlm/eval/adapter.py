@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -39,50 +38,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from . import EvalError, quiet
+from .memory_spec import MemorySpec, parse_memory  # noqa: F401  (re-exported: hmlm.eval.adapter.parse_memory)
 from ..export import LoadedModel, load_model_dir
+from ..generate import Sampling, autocast_for, fit_prompt, generate_text
 from ..protocols import MemoryContext
 
 DEFAULT_BATCH_SIZE = 32
 
 quiet.install()   # no "fatal: not a git repository" from lm-eval's simple_evaluate
-
-
-@dataclass(frozen=True)
-class MemorySpec:
-    """A parsed `memory` argument. `blocked` holds (level, node) pairs with 0-based levels (the router's)."""
-
-    mode: str                                   # fetched | generic | none | blocked
-    blocked: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def model_mode(self) -> str:
-        return "fetched" if self.mode == "blocked" else self.mode
-
-    @property
-    def needs_routing(self) -> bool:
-        return self.model_mode == "fetched"
-
-
-def parse_memory(spec: str | None, *, levels: int, branching: int) -> MemorySpec:
-    # lm-eval's model_args parser turns the string "none" into None
-    spec = "none" if spec is None else str(spec).strip()
-    if spec in ("fetched", "generic", "none"):
-        return MemorySpec(spec)
-    if not spec.startswith("blocked:"):
-        raise EvalError(f"memory={spec!r}: expected fetched, generic, none or blocked:<level>:<node>")
-    pairs = []
-    for part in spec[len("blocked:"):].split("+"):
-        try:
-            level, node = (int(v) for v in part.split(":"))
-        except ValueError:
-            raise EvalError(f"memory={spec!r}: each blocked node is <level>:<node> with integers, "
-                            f"got {part!r}") from None
-        if not 1 <= level <= levels:
-            raise EvalError(f"memory={spec!r}: level {level} is outside the tree (levels are 1..{levels})")
-        if not 0 <= node < branching ** level:
-            raise EvalError(f"memory={spec!r}: level {level} has nodes 0..{branching ** level - 1}, got {node}")
-        pairs.append((level - 1, node))
-    return MemorySpec("blocked", tuple(pairs))
 
 
 def _word_prefix(texts: Sequence[str]) -> str:
@@ -198,9 +161,7 @@ class HMLMEvalLM(TemplateLM):
         return sorted(range(len(lengths)), key=lambda i: (tuple(paths[i].tolist()), -lengths[i], i))
 
     def _autocast(self):
-        if self._device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return autocast_for(self._device)
 
     # ---- scoring ---------------------------------------------------------------------------------
 
@@ -315,8 +276,8 @@ class HMLMEvalLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding with the memory fetched once per request from the prompt's path; the decoding loop itself
-        is `_generate_batch`, the one place a cached decoder replaces."""
+        """Greedy decoding (hmlm.generate, on the anchor's key/value cache) with the memory fetched once per request
+        from the prompt's path; requests that share a path share one fetch."""
         contexts, stops, limits = [], [], []
         for req in requests:
             context, kwargs = _args(req)
@@ -328,53 +289,18 @@ class HMLMEvalLM(TemplateLM):
             limits.append(int(kwargs.get("max_gen_toks", self.max_gen_toks)))
             contexts.append(context)
         paths = self.route_keys(contexts)
-        prompts = [self.tok_encode(c)[-max(1, self.max_length - n):] or [self.prefix_token_id]
+        prompts = [fit_prompt(self.tok_encode(c), self.max_length, n) or [self.prefix_token_id]
                    for c, n in zip(contexts, limits)]
         out = [""] * len(requests)
-        order = self._order(paths, [len(p) for p in prompts])
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            texts = self._generate_batch([prompts[i] for i in idx], paths[idx], [stops[i] for i in idx],
-                                         [limits[i] for i in idx])
-            for i, text in zip(idx, texts):
-                out[i] = text
+        fetched: tuple[tuple[int, ...], MemoryContext | None] | None = None
+        for i in self._order(paths, [len(p) for p in prompts]):
+            key = tuple(paths[i].tolist())
+            if fetched is None or fetched[0] != key:   # sorted by path: each path is fetched once
+                fetched = (key, self.model.memory_context(paths[i:i + 1].to(self._device), self.memory.model_mode))
+            sampling = Sampling(max_new_tokens=max(0, limits[i]), stop=tuple(stops[i]))
+            out[i] = generate_text(self.model.anchor, prompts[i], memory=fetched[1], sampling=sampling,
+                                   decode=self.tok_decode, eos_id=self.tokenizer_.eos_id)
         return out
-
-    def _generate_batch(self, prompts: list[list[int]], paths: torch.Tensor, stops: list[list[str]],
-                        limits: list[int]) -> list[str]:
-        """Greedy continuations of a batch of prompts until a stop string, EOS or the row's token limit. Without a
-        key/value cache every step recomputes the whole batch."""
-        memory = self.model.memory_context(paths.to(self._device), self.memory.model_mode)
-        rows = [list(p) for p in prompts]
-        generated: list[list[int]] = [[] for _ in rows]
-        texts = [""] * len(rows)
-        done = [limit <= 0 for limit in limits]
-        pad, eos = self.tokenizer_.pad_id, self.tokenizer_.eos_id
-        while not all(done):
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, :len(r)] = torch.tensor(r)
-            with self._autocast():
-                logits = self.model.anchor(ids.to(self._device), memory=memory)
-            last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-            nxt = logits[torch.arange(len(rows), device=logits.device), last].argmax(-1).tolist()
-            for j, tok in enumerate(nxt):
-                if done[j]:
-                    continue
-                if tok == eos:
-                    done[j] = True
-                    continue
-                rows[j].append(tok)
-                generated[j].append(tok)
-                texts[j] = self.tok_decode(generated[j])
-                hit = [texts[j].find(s) for s in stops[j] if s and s in texts[j]]
-                if hit:
-                    texts[j] = texts[j][:min(hit)]
-                    done[j] = True
-                elif len(generated[j]) >= limits[j]:
-                    done[j] = True
-        return texts
 
 
 def _continuation_score(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:

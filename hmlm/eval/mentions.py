@@ -40,6 +40,7 @@ class MentionIndex:
     _lookup: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _order: np.ndarray | None = field(default=None, init=False, repr=False)
     _sorted: np.ndarray | None = field(default=None, init=False, repr=False)
+    _seps: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._lookup = {w: i for i, w in enumerate(self.vocab)}
@@ -95,8 +96,8 @@ class MentionIndex:
         lo, hi = np.searchsorted(self._sorted, [word, word + 1])
         return self._order[lo:hi]
 
-    def count(self, names: Mapping[str, Sequence[str]]) -> dict[str, int]:
-        """Mentions of each key's names (see the module docstring)."""
+    def _mentions(self, names: Mapping[str, Sequence[str]]) -> tuple[list[tuple[int, set[str]]], list[str]]:
+        """([(word position of a mention, keys it counts for)], keys): the mentions of each key's names."""
         owners: dict[tuple[int, ...], set[str]] = {}
         for key, spellings in names.items():
             for s in spellings:
@@ -111,15 +112,43 @@ class MentionIndex:
             for k in range(1, len(phrase)):
                 pos = pos[self.ids[pos + k] == phrase[k]]
             matches.extend((int(p), -len(phrase), phrase) for p in pos)
-        counts = {key: 0 for key in names}
+        found: list[tuple[int, set[str]]] = []
         cursor = 0
         for start, neg_len, phrase in sorted(matches):   # leftmost first, then longest first
             if start < cursor:
                 continue
-            for key in owners[phrase]:
-                counts[key] += 1
+            found.append((start, owners[phrase]))
             cursor = start - neg_len
+        return found, list(names)
+
+    def count(self, names: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        """Mentions of each key's names (see the module docstring)."""
+        found, keys = self._mentions(names)
+        counts = {key: 0 for key in keys}
+        for _, owners in found:
+            for key in owners:
+                counts[key] += 1
         return counts
+
+    # ---- documents ---------------------------------------------------------------------------------
+
+    def _separators(self) -> np.ndarray:
+        if self._seps is None:
+            self._seps = np.flatnonzero(self.ids == _SEP)
+        return self._seps
+
+    def mention_documents(self, names: Sequence[str]) -> np.ndarray:
+        """Per training document (in the split's order), how many times any of `names` is mentioned in it."""
+        found, _ = self._mentions({"_": list(names)})
+        seps = self._separators()
+        docs = np.searchsorted(seps, np.asarray([p for p, _ in found], dtype=np.int64))
+        return np.bincount(docs, minlength=len(seps)).astype(np.int64)
+
+    def document_words(self, doc: int) -> list[str]:
+        """Document `doc`'s words as indexed (case-folded, punctuation dropped)."""
+        seps = self._separators()
+        start = 0 if doc == 0 else int(seps[doc - 1]) + 1
+        return [self.vocab[i] for i in self.ids[start:int(seps[doc])].tolist()]
 
 
 def count_mentions(texts: Iterable[str], names: Mapping[str, Sequence[str]]) -> dict[str, int]:

@@ -4,7 +4,9 @@
 
     shards/val-*.safetensors    the held-out sequences with their stored tree paths (held-out perplexity)
     node_stats.safetensors      documents and tokens routed to each node (perplexity per leaf frequency)
-    mentions/                   the training split's words (hmlm.eval.mentions) for entity counts, and
+    mentions/                   the training split's words (hmlm.eval.mentions) for entity counts,
+    mentions/paths.safetensors  the tree path of each of those training documents (`hmlm inspect --entity`, the
+                                leaf's documents of `hmlm generate --show-path`), and
     mentions/facts_meta.json    the bundled corpus's recorded repeat count of each fact, when trained on it
 
 and records them in model.json under `eval_data`. A model directory written before this (no `eval_data`) or the live
@@ -19,6 +21,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .mentions import MentionIndex, index_training_split
 
@@ -54,8 +58,12 @@ def write_eval_data(index_dir: Path, out: Path) -> tuple[dict[str, Any], dict[st
     mentions, why = index_training_split(index_dir)
     if mentions is not None:
         mentions.save(out / "mentions")
-        files += [out / "mentions" / "words.safetensors", out / "mentions" / "vocab.txt"]
-        entry["mentions"] = {"dir": "mentions", "words": mentions.n_words, "documents": mentions.n_documents}
+        from safetensors.numpy import save_file
+
+        save_file({"paths": training_paths_of_index(index_dir)}, str(out / "mentions" / "paths.safetensors"))
+        files += [out / "mentions" / n for n in ("words.safetensors", "vocab.txt", "paths.safetensors")]
+        entry["mentions"] = {"dir": "mentions", "words": mentions.n_words, "documents": mentions.n_documents,
+                             "paths": "paths.safetensors"}
     else:
         entry["mentions_missing"] = why
     facts = Path(index_meta["corpus"]).parent / "facts_meta.json"
@@ -66,6 +74,18 @@ def write_eval_data(index_dir: Path, out: Path) -> tuple[dict[str, Any], dict[st
         files.append(out / "mentions" / "facts_meta.json")
         entry["recorded_counts"] = "mentions/facts_meta.json"
     return entry, {f.relative_to(out).as_posix(): sha256_file(f) for f in files}
+
+
+def training_paths_of_index(index_dir: Path) -> np.ndarray:
+    """[training documents, levels] tree paths (global node ids, int32) in the training split's order, the order of
+    the mention index's documents."""
+    paths = []
+    with open(Path(index_dir) / "documents.jsonl", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc["split"] == "train":
+                paths.append(doc["path"])
+    return np.asarray(paths, dtype=np.int32).reshape(len(paths), -1)
 
 
 def find_index(loaded) -> Path | None:
@@ -150,6 +170,20 @@ class EvalData:
                 self.mentions_missing = (f"entity mentions cannot be counted ({why}): items without a recorded "
                                          "count get no frequency bucket")
         return self._mentions
+
+    def training_paths(self) -> np.ndarray | None:
+        """[training documents, levels] tree paths in the mention index's document order (from the model directory,
+        else from the index's documents.jsonl); None when neither is there, with the reason in `mentions_missing`."""
+        if self.mentions is not None and (self.mentions / "paths.safetensors").is_file():
+            from safetensors.numpy import load_file
+
+            return load_file(str(self.mentions / "paths.safetensors"))["paths"]
+        if self.index is not None and self.mentions is None:
+            return training_paths_of_index(self.index)
+        self.mentions_missing = self.mentions_missing or (
+            "the model directory has no mentions/paths.safetensors (exported before hmlm recorded the training "
+            "documents' paths) and its index is not found; re-run `hmlm fit` to export it")
+        return None
 
     def recorded_counts(self) -> dict[tuple[str, str], int] | None:
         """(relation, entity_key) -> repeat count from facts_meta.json; None without one."""
