@@ -1,6 +1,7 @@
 """Shared fixtures: a small corpus from the bundled data and a tiny recipe that trains in seconds on CPU."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,14 @@ os.environ.setdefault("HMLM_CACHE", str(Path(__file__).resolve().parent.parent /
 REPO = Path(__file__).resolve().parent.parent
 
 from hmlm.testing import assert_per_sample_isolation  # noqa: E402,F401  (tests import it from here; the kit owns it)
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py (a script, not a module of the package) loaded as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_small_corpus(path: Path, n_docs: int = 400) -> Path:

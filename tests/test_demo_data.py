@@ -19,7 +19,7 @@ from hmlm.cli import main
 from hmlm.data.demo import StatementScrubber, build_demo
 from hmlm.data.demo_corpus import DEMO_RELATIONS, DemoError, expand_demo, fair_shares, select_text
 from hmlm.data.facts import BUCKETS, balanced_counts, frequency_bucket
-from hmlm.eval.buckets import recorded_counts
+from hmlm.eval.modeldata import EvalData
 
 pytest.importorskip("mwparserfromhell")
 
@@ -101,8 +101,10 @@ def test_expand_states_every_fact_exactly_its_count(corpus_dir):
         for t in rel.eval_templates:
             prompt = t.split("{answer}")[0].rstrip().format(name=f["entity"])
             assert not any(prompt in x for x in facts_text)
-    assert recorded_counts(corpus_dir / "corpus.jsonl") == {(f["relation"], f["entity_key"]): f["repeat_count"]
-                                                            for f in meta["facts"]}
+    # what hmlm eval's `recorded` buckets read (a model directory carries this file as mentions/facts_meta.json)
+    recorded = EvalData(label="demo", recorded=corpus_dir / "facts_meta.json").recorded_counts()
+    assert recorded == {(f["relation"], f["entity_key"]): f["repeat_count"]
+                        for f in meta["facts"]}
 
 
 def test_expand_balances_buckets_per_relation(corpus_dir):

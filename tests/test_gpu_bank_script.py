@@ -3,20 +3,16 @@ written, ratios are against the anchor at the same batch, the disk tier's files 
 hold the rows skips them with the reason instead of running over."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gpu_bank():
-    spec = importlib.util.spec_from_file_location("gpu_bank", REPO / "benchmarks" / "gpu_bank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_bank")
 
 
 def test_tiny_rows_every_tier_and_bank_io(gpu_bank, tmp_path, capsys):

@@ -2,7 +2,6 @@
 runs is run here first, on CPU at a tiny size, with its own flags (compile, compile modes, documents, stores)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -12,17 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 from hmlm.cli import main
 
 
 
 def table_main(argv: list[str]) -> int:
     """benchmarks/speed_table.py's main (a script, not a module of the package)."""
-    spec = importlib.util.spec_from_file_location("speed_table", REPO / "benchmarks" / "speed_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_benchmark("speed_table").main(argv)
 
 
 # shrink the 160M/410M shapes (later dotlist overrides win) and the step counts (so do later flags)

@@ -4,7 +4,6 @@ generic-only training, a frozen anchor)."""
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import load_benchmark
 from demo_sources import build_sources
 from hmlm.bench.repro import RUNS, Options, merge, run_part
 from hmlm.config import load_recipe
@@ -64,10 +64,7 @@ def test_budget_and_dependencies_skip_runs_with_reasons(demo_dir, tmp_path):
 
 
 def _gpu_script():
-    spec = importlib.util.spec_from_file_location("gpu_repro", REPO / "benchmarks" / "gpu_repro.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_repro")
 
 
 def test_part_trains_evaluates_and_merges(demo_dir, tmp_path, monkeypatch):
