@@ -99,14 +99,17 @@ def deepspeed_config(recipe: Recipe, precision: str) -> dict[str, Any]:
     return cfg
 
 
-def anchor_optimizer(recipe: Recipe, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """The anchor's AdamW; with the optimizer offloaded to the host, DeepSpeed's fused CPU Adam (a torch AdamW
-    there is refused by DeepSpeed and would be several times slower)."""
+def anchor_optimizer(recipe: Recipe, anchor: torch.nn.Module) -> torch.optim.Optimizer:
+    """The anchor's AdamW under DeepSpeed: unfused (the engine wraps it; the fused kernel is untested there); with the
+    optimizer offloaded to the host, DeepSpeed's fused CPU Adam (a torch AdamW there is refused by DeepSpeed and would
+    be several times slower)."""
+    from .step import anchor_param_groups, build_anchor_optimizer
+
     cfg = recipe.optim.anchor
-    kw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
     if recipe.trainer.deepspeed.offload_optimizer:
-        return cpu_adam_class()(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
+        return cpu_adam_class()(anchor_param_groups(anchor, cfg), adamw_mode=True, lr=cfg.lr,
+                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return build_anchor_optimizer(anchor, cfg, fused=False)
 
 
 def cpu_adam_class() -> type:

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from ..config import Recipe
 from ..loss import lm_nll
 from ..model import MemoryLM
-from .step import BankOptimizer, TrainStep, anchor_param_groups, build_anchor_optimizer
+from .step import BankOptimizer, TrainStep, build_anchor_optimizer
 
 
 class HeldoutPerplexity(Metric):
@@ -184,7 +184,7 @@ class HMLMModule(L.LightningModule):
         deepspeed = is_deepspeed(self.recipe.trainer.strategy)
         if self.train_anchor:
             if deepspeed:
-                opts.append(anchor_optimizer(self.recipe, anchor_param_groups(self.model.anchor, self.recipe.optim.anchor)))
+                opts.append(anchor_optimizer(self.recipe, self.model.anchor))
             else:
                 opts.append(build_anchor_optimizer(self.model.anchor, self.recipe.optim.anchor,
                                                    fused=not str(self.recipe.trainer.precision).startswith("16")))
