@@ -18,6 +18,8 @@
 # All hmlm rows use batch x 2048 tokens, bf16 autocast, the paper's k=16 four-level tree and a bf16 bank, with
 # data.doc_mask=false (plain causal attention, as the reference) except the docmask row.
 #
+# HMLM_PROFILE=1 adds `--profile OUT_DIR/profile/<run>` to every hmlm row (hmlm.bench.profile: the step's regions,
+# the device's busy fraction and the top kernels, taken after the row's timing).
 # A deadline keeps the call inside its share of the GPU tool's limit: HMLM_GPU_BUDGET_S (default 300 s from the
 # start) bounds everything, the table included. A run whose minimum time no longer fits is skipped and listed in
 # OUT_DIR/skipped.txt; a run that is started gets the time left and keeps the rows it finished (each row is written
@@ -107,6 +109,9 @@ reference() {  # B STOP_AFTER: the reference at batch B, ended after row STOP_AF
 bench() {  # NAME [overrides and flags...]: hmlm bench train at the 160M shape unless overridden
   local name="$1"; shift
   CMD=("$py" -m hmlm.cli bench train "${shape[@]}" anchor.preset=160m "$@" "${steps[@]}" --out "$out/$name.json")
+  # HMLM_PROFILE=1: each row also profiled after its timing (torch.profiler tables in OUT_DIR/profile/NAME)
+  [ "${HMLM_PROFILE:-0}" = 1 ] && CMD+=(--profile "$out/profile/$name")
+  return 0
 }
 
 want() { [ "$part" = "$1" ] || [ "$part" = "all" ]; }
