@@ -191,6 +191,8 @@ def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps
     and the other rows still run."""
     recipe = bench_recipe(recipe, store)
     sizes = list(batches or [recipe.trainer.batch_size])
+    # the tier plan (memory.tiers: auto) leaves room for the largest batch measured, not the recipe's
+    recipe = replace(recipe, trainer=replace(recipe.trainer, batch_size=max(sizes)))
     common = {"store": store, "optim_state": recipe.memory.optim_state if store is not None else None,
               "branching": recipe.index.router.branching, "seq_len": recipe.data.seq_len,
               "doc_mask": recipe.data.doc_mask, "compile_mode": recipe.trainer.compile_mode if compile else None}
