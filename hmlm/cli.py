@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after each row's timing, profile 3 more steps of rank 0 (torch.profiler): DIR/<row>.txt")
     b.add_argument("--dry-run", action="store_true",
                    help="print each world size's training plan and bank share; start no process")
     b = bench.add_parser("memory-types", help="train every memory type at equal fetched size, then evaluate all")
@@ -272,7 +274,7 @@ def _bench(args, recipe) -> int:
         rows = run_scaling(recipe, vocab_size=_vocab_for(recipe), worlds=[int(d) for d in args.devices.split(",")],
                            modes=[m for m in args.modes.split(",") if m], steps=args.steps, warmup=args.warmup,
                            strategies=tuple(x for x in args.strategies.split(",") if x), paths=args.paths,
-                           out=args.out)
+                           out=args.out, profile=args.profile)
         table = Table(title=f"data-parallel training step, {rows[0]['device']}, "
                             f"{rows[0]['batch_per_rank']} x {rows[0]['seq_len']} tokens per rank")
         cols = ("strategy", "mode", "world", "step_ms", "tokens_per_s", "scaling_efficiency", "anchor_bytes_per_step",

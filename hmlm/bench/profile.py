@@ -57,14 +57,17 @@ def profile_steps(run_step: Callable[[int], Any], *, steps: int, device: torch.d
     events = prof.key_averages()
     regions: dict[str, dict[str, float]] = {}
     kernel_us = 0.0
+    host_keys = {evt.key for evt in events if evt.device_type == torch.autograd.DeviceType.CPU}
     for evt in events:
         if evt.key.startswith(REGION_PREFIX):
             slot = regions.setdefault(evt.key, {"host_ms": 0.0, "device_ms": 0.0})
             # a region shows up as a CPU range and, on CUDA, as a device-side annotation of the same name
             slot["host_ms"] = max(slot["host_ms"], evt.cpu_time_total / 1000 / steps)
             slot["device_ms"] = max(slot["device_ms"], _device_total_us(evt) / 1000 / steps)
-        elif evt.device_type == torch.autograd.DeviceType.CUDA:
-            # kernels, memcpy and memset on the device (CPU ops' attributed device time would count them twice)
+        elif evt.device_type == torch.autograd.DeviceType.CUDA and evt.key not in host_keys:
+            # kernels, memcpy and memset on the device (CPU ops' attributed device time would count them twice; a
+            # record_function range such as DDP's "DistributedDataParallel.forward" shows up on the device too, as an
+            # annotation spanning its kernels, under the name of its host range: not a kernel of its own)
             kernel_us += _device_self_us(evt)
     device_ms = kernel_us / 1000 / steps if cuda else None
     summary: dict[str, Any] = {
