@@ -16,8 +16,12 @@ OLD_OPENLM = {"name": "openlm", "options": {}, "preset": "tiny", "n_layers": 3, 
 def test_old_recipe_file_is_read_as_options_with_a_warning(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text("name: old\nanchor: {preset: 160m, n_layers: 3}\n")
-    with pytest.warns(FutureWarning, match=r"old.yaml: `anchor.n_layers` is now `anchor.options.n_layers`"):
+    with pytest.warns(FutureWarning) as caught:
         r = load_recipe(path, ["anchor.d_model=256"])
+    said = sorted(str(w.message).split(": ", 1)[1] for w in caught)
+    assert said == [f"`anchor.{k}` is now `anchor.options.{k}` (read as such; write the new key)"
+                    for k in ("d_model", "n_layers", "preset")]
+    assert all(str(w.message).startswith(str(path)) for w in caught)
     assert r.anchor.options == {"preset": "160m", "n_layers": 3, "d_model": 256}
 
 

@@ -117,7 +117,7 @@ def check_model(recipe: Recipe, source: str) -> None:
         anchor = build_anchor(recipe, vocab, device="meta")
         build_layout(recipe, anchor)
     except (RecipeError, ValueError, TypeError, KeyError, PluginError) as exc:
-        # plugins name the key at the start of their message ("anchor.preset: unknown preset 'huge'; ...")
+        # plugins name the key at the start of their message ("anchor.options.model_type: the hf anchor needs ...")
         text = re.sub(r"^([a-z_]+(?:\.[a-z_0-9]+)+): ", r"key `\1`: ", str(exc).strip("'\""))
         raise RecipeError(f"{source}: {text}") from None
 
