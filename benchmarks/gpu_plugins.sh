@@ -23,6 +23,10 @@ out="${1:?$usage}"
 what="${2:?$usage}"
 shift 2
 overrides=("$@")
+case "$what" in
+  types|router|report) ;;
+  *) echo "gpu_plugins.sh: second argument is types, router or report" >&2; exit 2 ;;
+esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py="${PYTHON:-python}"
 repro="${HMLM_REPRO:-.repro}"
@@ -42,8 +46,11 @@ fi
 export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 carried_site=""
-if [ -f "$repro/site.tar.xz" ]; then   # appended (not prepended) to sys.path: the image's own packages win
-  carried_site="$out/carried-site"
+if [ -f "$repro/site.tar.xz" ]; then
+  # appended (not prepended) to sys.path, so the image's own packages win; under the interpreter's prefix where that
+  # is writable, because datasets pickles modules outside sys.prefix by value (see benchmarks/gpu_repro.sh)
+  prefix=$("$py" -c 'import os, sys; print(os.path.realpath(sys.prefix))')
+  if [ -w "$prefix" ]; then carried_site="$prefix/hmlm-plugins-site"; else carried_site="$out/carried-site"; fi
   rm -rf "$carried_site" && mkdir -p "$carried_site" && tar -xJf "$repro/site.tar.xz" -C "$carried_site"
 fi
 if [ -f "$repro/minilm-bf16/hmlm_embedder.json" ]; then
@@ -70,5 +77,4 @@ case "$what" in
       | tee "$out/randproj.log" | tail -n 15
     hmlm eval --model "$out/randproj/model" --limit "${LIMIT:-64}" --out "$out/router-eval" 2>&1 \
       | tee "$out/router-eval.log" | tail -n 30 ;;
-  *) echo "gpu_plugins.sh: second argument is types, router or report" >&2; exit 2 ;;
 esac
