@@ -22,8 +22,24 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _router_name(model_dir: Path) -> str:
-    meta = _read(model_dir / "model.json") or {}
+def _here(out: Path, path: str) -> Path:
+    """A path the run recorded, found under OUT_DIR when the run wrote elsewhere (a GPU machine's $OUT fetched
+    here): the shortest tail of the recorded path that exists under OUT_DIR."""
+    recorded = Path(path)
+    if recorded.exists():
+        return recorded
+    for i in range(1, len(recorded.parts)):
+        candidate = out.joinpath(*recorded.parts[i:])
+        if candidate.exists():
+            return candidate
+    return recorded
+
+
+def _model_meta(out: Path, model_dir: str) -> dict[str, Any]:
+    return _read(_here(out, model_dir) / "model.json") or {}
+
+
+def _router_name(meta: dict[str, Any]) -> str:
     return ((meta.get("recipe") or {}).get("index") or {}).get("router", {}).get("name", "?")
 
 
@@ -35,7 +51,8 @@ def collect(out: Path) -> dict[str, Any]:
         notes.append("types part missing (no types/memory_types.json)")
     else:
         for t in types["types"]:
-            rows.append({"config": t["type"], "memory": t["type"], "router": _router_name(Path(t["model_dir"])),
+            meta = _model_meta(out, t["model_dir"])
+            rows.append({"config": t["type"], "memory": t["type"], "router": _router_name(meta),
                          "sizes": t["sizes"], "fetched_params": t["fetched_params"], "bank_params": t["bank_params"],
                          "train_seconds": t["train_seconds"], "ppl": t["heldout_perplexity"] or {},
                          "sk": {m: (a or {}).get("SK") for m, a in t["averages"].items()}})
@@ -44,13 +61,13 @@ def collect(out: Path) -> dict[str, Any]:
     if fit is None:
         notes.append("router part missing (no randproj/fit_result.json)")
     else:
-        meta = _read(Path(fit["model_dir"]) / "model.json") or {}
+        meta = _model_meta(out, fit["model_dir"])
         recipe = meta.get("recipe") or {}
         model = report["models"][0] if report else {"modes": {}}
         if report is None:
             notes.append("router part: no router-eval/report.json (fact accuracy missing)")
         rows.append({"config": "ffn + randproj", "memory": recipe.get("memory", {}).get("type", "?"),
-                     "router": _router_name(Path(fit["model_dir"])), "sizes": recipe.get("memory", {}).get("sizes"),
+                     "router": _router_name(meta), "sizes": recipe.get("memory", {}).get("sizes"),
                      "fetched_params": None, "bank_params": None, "train_seconds": fit.get("seconds"),
                      "ppl": fit.get("heldout_perplexity") or {},
                      "sk": {m: (v["averages"] or {}).get("SK") for m, v in model["modes"].items()}})

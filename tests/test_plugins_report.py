@@ -55,6 +55,13 @@ def test_table_and_plot_from_the_run_files(tmp_path):
     assert (tmp_path / "plugins.png").stat().st_size > 0
 
 
+def test_model_dirs_recorded_on_another_machine_are_found_under_the_out_dir(tmp_path):
+    mod = _report_module()
+    local = _model(tmp_path / "types/ffn/model", "ffn", "hkmeans")
+    assert mod._here(tmp_path, "/gpu/out/types/ffn/model") == Path(local)
+    assert mod._router_name(mod._model_meta(tmp_path, "/gpu/out/types/ffn/model")) == "hkmeans"
+
+
 def test_nothing_to_report_is_an_error(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plugins_report.py"), str(tmp_path)],
                          capture_output=True, text=True)
