@@ -64,7 +64,8 @@ if site:
 from hmlm.cli import main
 sys.exit(main(sys.argv[1:]))' "$carried_site" "$@"
 }
-{ date -u +%Y-%m-%dT%H:%M:%SZ; nproc; lscpu 2>/dev/null | grep -m1 "Model name" || true
+{ date -u +%Y-%m-%dT%H:%M:%SZ; echo "cpus $(getconf _NPROCESSORS_ONLN)"   # nproc would honour OMP_NUM_THREADS
+  lscpu 2>/dev/null | grep -m1 "Model name" | tr -s ' ' || true
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
   echo "overrides: ${overrides[*]:-}"; } > "$out/machine-$what.txt"
 hmlm plugins > "$out/plugins.txt" 2>&1; cat "$out/plugins.txt"

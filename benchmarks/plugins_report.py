@@ -6,7 +6,8 @@
 Reads OUT_DIR/types/memory_types.json (`hmlm bench memory-types`), OUT_DIR/randproj/fit_result.json and
 OUT_DIR/router-eval/report.json (the randproj part) and the machine-*.txt notes; writes OUT_DIR/plugins.md (the
 tables docs/results.md shows), OUT_DIR/plugins.json (the same numbers) and OUT_DIR/plugins.png (held-out perplexity
-per configuration and memory mode). A part that did not run is left out and said so.
+per configuration and memory mode). A part that did not run is left out and said so. Training seconds stay in
+plugins.json only: the two parts may share a machine, so their times do not compare.
 """
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def _num(v: Any, fmt: str) -> str:
 
 def markdown(data: dict[str, Any]) -> str:
     lines = ["| configuration | router | sizes (r per level) | fetched params | ppl fetched | ppl generic | ppl none "
-             "| none / fetched | fact acc. fetched | fact acc. none | train s |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| none / fetched | fact acc. fetched | fact acc. none |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in data["rows"]:
         ppl = r["ppl"]
         ratio = ppl["none"] / ppl["fetched"] if ppl.get("none") and ppl.get("fetched") else None
@@ -90,8 +91,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| `{r['config']}` | {r['router']} | {tuple(r['sizes']) if r['sizes'] else '-'} "
                      f"| {_num(r['fetched_params'], ',')} | "
                      + " | ".join(_num(ppl.get(m), '.2f') for m in MODES)
-                     + f" | {_num(ratio, '.3f')} | {_num(sk['fetched'], '.1f')}% | {_num(sk['none'], '.1f')}% "
-                     f"| {_num(r['train_seconds'], '.0f')} |")
+                     + f" | {_num(ratio, '.3f')} | {_num(sk['fetched'], '.1f')}% | {_num(sk['none'], '.1f')}% |")
     for name, text in data["machine"].items():
         lines += ["", f"{name}: " + "; ".join(text.splitlines())]
     lines += [f"\nnote: {n}" for n in data["notes"]]
