@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO))  # `python benchmarks/gpu_bank.py` imports this ch
 RECIPE = REPO / "recipes" / "quickstart.yaml"
 
 # 160M anchor, memory (256,64,16,0), k=16 over 4 levels: 4.62B bank parameters in bf16, 18.1M fetched per sequence
-PAPER = ["anchor.preset=160m", "anchor.vocab_size=50432", "index.router.branching=16", "index.router.levels=4",
+PAPER = ["anchor.options.preset=160m", "anchor.vocab_size=50432", "index.router.branching=16", "index.router.levels=4",
          "memory.sizes=[256,64,16,0]", "memory.dtype=bfloat16", "data.seq_len=2048", "memory.io_threads=16"]
-TINY = ["anchor.preset=tiny", "anchor.n_layers=2", "anchor.d_model=32", "anchor.n_heads=2", "anchor.head_dim=16",
-        "anchor.ffn_dim=64", "anchor.vocab_size=128", "index.router.branching=4", "index.router.levels=3",
+TINY = ["anchor.options.preset=tiny", "anchor.options.n_layers=2", "anchor.options.d_model=32", "anchor.options.n_heads=2", "anchor.options.head_dim=16",
+        "anchor.options.ffn_dim=64", "anchor.vocab_size=128", "index.router.branching=4", "index.router.levels=3",
         "memory.sizes=[8,4,2]", "memory.dtype=bfloat16", "data.seq_len=16", "memory.io_threads=2"]
 # device: bank + bf16 moments (28 GB) beside the anchor; mixed: the deepest level (and its moments) in host RAM;
 # host; disk with bf16 moments (a 28 GB sparse file, within the 64 GB disk); device with fp32 moments last: 46 GB,
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/gpu_bank.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta: dict[str, Any] = {
         "shape": "tiny (CPU test)" if args.tiny else (
-            f"{recipe.anchor.preset.upper()} anchor, memory ({','.join(map(str, recipe.memory.sizes))}), "
+            f"{str(recipe.anchor.options.get('preset', recipe.anchor.name)).upper()} anchor, memory ({','.join(map(str, recipe.memory.sizes))}), "
             f"k={recipe.index.router.branching}"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -26,7 +26,7 @@ cd "$root"
 start=$SECONDS
 disk="${TMPDIR:-/tmp}/hmlm-gpu-bank-scale"
 extra=(${GPU_BANK_SCALE_ARGS:-})
-paper=(anchor.preset=160m anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
+paper=(anchor.options.preset=160m anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
        'memory.sizes=[256,64,16,0]' memory.dtype=bfloat16 data.seq_len=2048 memory.io_threads=16)
 mkdir -p "$out"
 if [ "$dry" = 0 ]; then
@@ -53,7 +53,7 @@ stage() {
 bank=("$py" benchmarks/gpu_bank.py --disk-dir "$disk" --bankio-tiers "")
 stage b16 150 "${bank[@]}" --profile "$out/profile/b16" --out "$out/b16" --budget-s 140 --batches 16 --plans "device@bf16" "${extra[@]}"
 stage 410m 200 "${bank[@]}" --profile "$out/profile/410m" --out "$out/410m" --budget-s 190 --batches 8 --plans "auto@bf16" \
-  anchor.preset=410m 'memory.sizes=[512,128,32,0]' "${extra[@]}"
+  anchor.options.preset=410m 'memory.sizes=[512,128,32,0]' "${extra[@]}"
 stage sweep 130 "$py" -m hmlm.cli bench train --recipe recipes/quickstart.yaml "${paper[@]}" trainer.batch_size=8 \
   memory.optim_state=bf16 "${extra[@]}" --stores "" --tiers device --branching 2,4,8 --steps 6 --warmup 2 \
   --out "$out/sweep.json"

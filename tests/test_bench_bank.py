@@ -7,8 +7,8 @@ import json
 from conftest import REPO
 from hmlm.cli import main
 
-TINY = ["anchor.preset=tiny", "anchor.n_layers=2", "anchor.d_model=32", "anchor.n_heads=2", "anchor.head_dim=16",
-        "anchor.ffn_dim=64", "anchor.vocab_size=128", "index.router.branching=4", "index.router.levels=3",
+TINY = ["anchor.options.preset=tiny", "anchor.options.n_layers=2", "anchor.options.d_model=32",
+        "anchor.options.n_heads=2", "anchor.options.head_dim=16", "anchor.options.ffn_dim=64", "anchor.vocab_size=128", "index.router.branching=4", "index.router.levels=3",
         "memory.sizes=[8,4,2]", "memory.dtype=bfloat16", "data.seq_len=16", "trainer.batch_size=4",
         "memory.io_threads=2"]
 

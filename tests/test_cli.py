@@ -77,7 +77,7 @@ def test_print_config_is_the_resolved_recipe(capsys):
 
 def test_dry_run_prints_paper_sizes(capsys):
     code, out, _ = run(capsys, "fit", "--recipe", str(REPO / "recipes/quickstart.yaml"), "--dry-run",
-                       "anchor.preset=160m", "anchor.vocab_size=50432", "index.router.branching=16",
+                       "anchor.options.preset=160m", "anchor.vocab_size=50432", "index.router.branching=16",
                        "index.router.levels=4", "memory.sizes=[256,64,16,0]", "memory.dtype=bfloat16")
     assert code == 0
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())

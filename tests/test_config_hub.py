@@ -148,7 +148,7 @@ def test_tiny_twin_keeps_the_structure(name):
     if name.startswith(("A", "B", "C", "T7")):
         assert tiny.memory.sizes == [-(-r // 16) for r in full.memory.sizes]
     assert tiny.memory.placement.partition(":")[0] == full.memory.placement.partition(":")[0]
-    full_n, tiny_n = PRESETS[full.anchor.preset]["n_layers"], tiny.anchor.n_layers
+    full_n, tiny_n = PRESETS[full.anchor.options["preset"]]["n_layers"], tiny.anchor.options["n_layers"]
     full_layers = parse_placement(full.memory.placement, full_n)
     tiny_layers = parse_placement(tiny.memory.placement, tiny_n)
     assert len(full_layers) * tiny_n == len(tiny_layers) * full_n         # the same fraction of the layers
@@ -173,7 +173,8 @@ def test_posthoc_recipe_dry_run_and_settings(capsys, name):
     mem = r.optim.memory
     assert (mem.lr, mem.min_lr, mem.weight_decay, mem.warmup_steps) == (1e-4, 1e-5, 1e-3, 5_000)
     tiny = load_recipe(TINY / f"{name}-tiny.yaml")
-    assert (tiny.name, tiny.anchor.name, tiny.anchor.hf_model_type) == (f"{name}-tiny", "hf", r.anchor.hf_model_type)
+    assert (tiny.name, tiny.anchor.name) == (f"{name}-tiny", "hf")
+    assert tiny.anchor.options["model_type"] == r.anchor.options["model_type"]
     assert (tiny.trainer.mode, tiny.data.doc_mask, tiny.anchor.init_from) == ("memory", False, None)
     assert tiny.memory.sizes == [-(-x // 16) for x in r.memory.sizes]
     assert tiny.trainer.max_steps * tiny.trainer.batch_size == 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from hmlm.testing import AnchorTests, EmbedderTests, MemoryTypeTests, RouterTests, StoreTests
+from hmlm.testing.common import TINY_ANCHOR
 
 
 class TestFFN(MemoryTypeTests):
@@ -51,13 +52,13 @@ class TestHostStore(StoreTests):
 
 class TestOpenLM(AnchorTests):
     plugin = "openlm"
+    options = TINY_ANCHOR
 
 
 class TestHF(AnchorTests):
     plugin = "hf"
-    config = {"hf_model_type": "llama", "hf_config": {"hidden_size": 32, "intermediate_size": 64,
-                                                      "num_hidden_layers": 2, "num_attention_heads": 2,
-                                                      "num_key_value_heads": 2, "head_dim": 16}}
+    options = {"model_type": "llama", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}}
 
 
 class TestHashing(EmbedderTests):

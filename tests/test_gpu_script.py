@@ -22,7 +22,7 @@ def table_main(argv: list[str]) -> int:
 
 
 # shrink the 160M/410M shapes (later dotlist overrides win) and the step counts (so do later flags)
-TINY = ["anchor.n_layers=2", "anchor.d_model=32", "anchor.n_heads=2", "anchor.head_dim=16", "anchor.ffn_dim=64",
+TINY = ["anchor.options.n_layers=2", "anchor.options.d_model=32", "anchor.options.n_heads=2", "anchor.options.head_dim=16", "anchor.options.ffn_dim=64",
         "anchor.vocab_size=128", "data.seq_len=32", "trainer.batch_size=2", "index.router.branching=2",
         "memory.sizes=[4,2,1,0]"]
 
@@ -64,7 +64,7 @@ def test_every_gpu_script_command_runs_on_cpu_and_makes_the_table(tmp_path, monk
     # the bench commands as `hmlm ...` argv (the script runs them as `python -m hmlm.cli ...`)
     commands = [shlex.split(line)[3:] for line in lines if " -m hmlm.cli " in line]
     assert len(commands) == 9 and any("--compile" in c for c in commands)
-    assert any("anchor.preset=410m" in c for c in commands) and any("data.doc_mask=true" in c for c in commands)
+    assert any("anchor.options.preset=410m" in c for c in commands) and any("data.doc_mask=true" in c for c in commands)
     assert not out_dir.exists()  # a dry run writes nothing
     real_compile = torch.compile
     # dynamo's capture and AOTAutograd, not inductor's code generation (minutes on a 2-core CPU)
@@ -124,8 +124,9 @@ def test_reference_runner_names_a_missing_reference(tmp_path):
 def test_later_overrides_win(preset, tied):
     from hmlm.config import load_recipe
 
-    r = load_recipe(REPO / "recipes" / "quickstart.yaml", ["anchor.preset=160m", f"anchor.preset={preset}"])
-    assert r.anchor.preset == preset
+    r = load_recipe(REPO / "recipes" / "quickstart.yaml",
+                    ["anchor.options.preset=160m", f"anchor.options.preset={preset}"])
+    assert r.anchor.options["preset"] == preset
 
 
 # stands in for the GPU machine's python: import checks pass, every command it is given is recorded, and the rows

@@ -15,7 +15,7 @@ from hmlm.anchors.hf import HFAnchor
 from hmlm.bank.layout import BankLayout
 from hmlm.bank.stores import DeviceStore
 from hmlm.config import AnchorConfig, RecipeError, recipe_from_dict
-from hmlm.model import MemoryLM
+from hmlm.model import MemoryLM, build_anchor
 
 K, LEVELS, VOCAB = 3, 3, 97
 # grouped-query attention (4 query heads, 2 kv heads) as in the real models; qwen2 adds q/k/v biases
@@ -24,13 +24,14 @@ ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 MODEL_TYPES = ("llama", "qwen2")
 
 
-def anchor_cfg(model_type: str = "llama", **extra) -> AnchorConfig:
-    return AnchorConfig(name="hf", hf_model_type=model_type, hf_config={**ARCH, **extra})
+def options(model_type: str = "llama", **extra) -> HFAnchor.Options:
+    return HFAnchor.Options(model_type=model_type, config={**ARCH, **extra})
 
 
 def tiny_anchor(model_type: str = "llama", seed: int = 0, **extra) -> HFAnchor:
     torch.manual_seed(seed)
-    return HFAnchor.from_config(anchor_cfg(model_type, **extra), vocab_size=VOCAB).eval()
+    anchor = HFAnchor.from_config(AnchorConfig(name="hf"), vocab_size=VOCAB, options=options(model_type, **extra))
+    return anchor.eval()
 
 
 def make(model_type: str = "llama", kind: str = "ffn", sizes=(4, 2, 1), seed: int = 0, **extra) -> MemoryLM:
@@ -123,7 +124,7 @@ def test_doc_ids_and_unavailable_sites_are_refused():
     with pytest.raises(ValueError, match="data.doc_mask: false"):
         model(ids, paths=paths, doc_ids=torch.zeros_like(ids))
     with pytest.raises(RecipeError, match="data.doc_mask"):
-        recipe_from_dict({"name": "x", "anchor": {"name": "hf", "hf_model_type": "llama"}})
+        recipe_from_dict({"name": "x", "anchor": {"name": "hf", "options": {"model_type": "llama"}}})
     # grouped-query attention: k/v are narrower than n_heads * head_dim, so lora-vo cannot attach
     with pytest.raises(ValueError, match="num_key_value_heads"):
         make("llama", "lora-vo")(ids, paths=paths, memory="fetched")
@@ -135,15 +136,18 @@ def test_doc_ids_and_unavailable_sites_are_refused():
 
 
 def test_recipe_errors_name_the_key():
-    with pytest.raises(RecipeError, match="hf_model_type"):
+    with pytest.raises(RecipeError, match="anchor.options.model_type"):
         HFAnchor.from_config(AnchorConfig(name="hf"), vocab_size=VOCAB)
     with pytest.raises(RecipeError, match="unknown key.*hiden_size"):
-        HFAnchor.from_config(AnchorConfig(name="hf", hf_model_type="llama", hf_config={"hiden_size": 8}),
-                             vocab_size=VOCAB)
-    with pytest.raises(RecipeError, match="anchor.n_layers"):
-        HFAnchor.from_config(AnchorConfig(name="hf", hf_model_type="llama", n_layers=2), vocab_size=VOCAB)
+        HFAnchor.from_config(AnchorConfig(name="hf"), vocab_size=VOCAB,
+                             options=HFAnchor.Options(model_type="llama", config={"hiden_size": 8}))
+    # an openlm option under an hf anchor: refused when the recipe is loaded, naming the key and the hf options
+    with pytest.raises(RecipeError, match=r"unknown key `anchor.options.n_layers`; known keys under `anchor.options`: "
+                                          r"model_type, config"):
+        recipe_from_dict({"name": "x", "data": {"doc_mask": False},
+                          "anchor": {"name": "hf", "options": {"model_type": "llama", "n_layers": 2}}})
     with pytest.raises(RecipeError, match="smaller than the tokenizer"):
-        HFAnchor.from_config(anchor_cfg(vocab_size=50), vocab_size=VOCAB)
+        HFAnchor.from_config(AnchorConfig(name="hf"), vocab_size=VOCAB, options=options(vocab_size=50))
 
 
 def test_meta_device_counts_equal_real_counts():
@@ -151,10 +155,9 @@ def test_meta_device_counts_equal_real_counts():
 
     recipe = recipe_from_dict({"name": "x", "data": {"doc_mask": False},
                                "index": {"router": {"branching": K, "levels": LEVELS}},
-                               "anchor": {"name": "hf", "hf_model_type": "qwen2", "hf_config": ARCH},
+                               "anchor": {"name": "hf", "options": {"model_type": "qwen2", "config": ARCH}},
                                "memory": {"sizes": [4, 2, 1]}, "trainer": {"mode": "memory"}})
-    with torch.device("meta"):
-        meta = HFAnchor.from_config(recipe.anchor, vocab_size=VOCAB)
+    meta = build_anchor(recipe, VOCAB, device="meta")
     assert all(p.device.type == "meta" for p in meta.parameters())
     real = tiny_anchor("qwen2")
     assert meta.num_params() == real.num_params() == sum(p.numel() for p in real.model.parameters())
@@ -188,7 +191,7 @@ def test_fit_frozen_hf_anchor_and_reload(tiny_recipe, tmp_path):
     from hmlm.export import load_model_dir
     from hmlm.train.fit import fit
 
-    recipe = tiny_recipe(**{"anchor": {"name": "hf", "hf_model_type": "llama", "hf_config": ARCH},
+    recipe = tiny_recipe(**{"anchor": {"name": "hf", "options": {"model_type": "llama", "config": ARCH}},
                             "data.doc_mask": False, "trainer.mode": "memory", "trainer.max_steps": 3,
                             "trainer.val_every": 3, "trainer.ckpt_every": 3, "trainer.val_batches": 1})
     result = fit(recipe, progress=False, final_eval=False)
@@ -196,7 +199,7 @@ def test_fit_frozen_hf_anchor_and_reload(tiny_recipe, tmp_path):
     loaded = load_model_dir(result["model_dir"]).model
     assert isinstance(loaded.anchor, HFAnchor)
     torch.manual_seed(recipe.seed)       # build_model seeds the same way: the frozen anchor is exactly as built
-    fresh = HFAnchor.from_config(recipe.anchor, vocab_size=loaded.anchor.config.vocab_size)
+    fresh = build_anchor(recipe, loaded.anchor.config.vocab_size)
     for k, v in fresh.state_dict().items():
         assert torch.equal(loaded.anchor.state_dict()[k], v), k
     assert any(t.any() for key, name, t in loaded.store.iter_blocks() if name == "w3")

@@ -37,21 +37,23 @@ def tokens(*shape: int, seed: int = 1) -> torch.Tensor:
 ])
 def test_paper_parameter_counts(preset: str, layers: int | None, expected: int) -> None:
     with torch.device("meta"):
-        model = OpenLMAnchor.from_config(AnchorConfig(preset=preset, n_layers=layers), vocab_size=50_432)
+        model = OpenLMAnchor.from_config(AnchorConfig(), vocab_size=50_432,
+                                         options=OpenLMAnchor.Options(preset=preset, n_layers=layers))
     assert model.num_params() == expected
 
 
 def test_from_config_overrides_and_errors() -> None:
-    m = OpenLMAnchor.from_config(AnchorConfig(preset="tiny", n_layers=2, rope_base=500.0), vocab_size=100)
+    m = OpenLMAnchor.from_config(AnchorConfig(), vocab_size=100,
+                                 options=OpenLMAnchor.Options(preset="tiny", n_layers=2, rope_base=500.0))
     assert (m.config.n_layers, m.config.d_model, m.config.vocab_size, m.config.rope_base) == (2, 128, 100, 500.0)
     assert m.shape.n_layers == 2 and m.shape.attn_dim == 128 and m.shape.ffn_dim == 384
     assert isinstance(m, Anchor)
     with torch.device("meta"):
         assert OpenLMAnchor.from_config(AnchorConfig(vocab_size=64), vocab_size=100).config.vocab_size == 64
     with pytest.raises(ValueError, match="unknown preset 'huge'.*tiny"):
-        OpenLMAnchor.from_config(AnchorConfig(preset="huge"), vocab_size=100)
+        OpenLMAnchor.Options(preset="huge")
     with pytest.raises(ValueError, match="head_dim must be even"):
-        OpenLMAnchor.from_config(AnchorConfig(head_dim=7), vocab_size=100)
+        OpenLMAnchor.from_config(AnchorConfig(), vocab_size=100, options=OpenLMAnchor.Options(head_dim=7))
     assert set(PRESETS) == {"tiny", "160m", "410m", "1.4b"}
 
 

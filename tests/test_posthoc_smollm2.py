@@ -29,13 +29,13 @@ def test_convert_gguf_reproduces_the_model_and_loads_as_an_hf_anchor(tmp_path, c
     out = tmp_path / "converted"
     assert main(["convert", "gguf", str(tmp_path / "tiny.gguf"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "anchor.hf_config.num_key_value_heads: 2" in printed
+    assert "anchor.options.config.num_key_value_heads: 2" in printed
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     # the recipe states what convert printed; the hf anchor then loads the weights and computes the same logits
-    cfg = AnchorConfig(name="hf", hf_model_type="llama", hf_config=dict(
+    options = HFAnchor.Options(model_type="llama", config=dict(
         vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False))
-    anchor = HFAnchor.from_config(cfg, vocab_size=259).eval()
+    anchor = HFAnchor.from_config(AnchorConfig(name="hf"), vocab_size=259, options=options).eval()
     anchor.load_pretrained(out)
     ids = torch.tensor([[5, 70, 33, 100, 2, 9]])
     torch.testing.assert_close(anchor(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)

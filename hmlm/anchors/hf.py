@@ -1,10 +1,10 @@
 """`hf` anchor: a Hugging Face transformers causal LM (Llama, Qwen2, Gemma 3, ...) with hmlm memory sites.
 
 The paper's post-hoc experiments (§4, Table 2) add hierarchical memories to frozen open-weight models. This anchor
-builds such a model from the recipe alone -- `AutoConfig.for_model(anchor.hf_model_type, **anchor.hf_config)` then
-`AutoModelForCausalLM.from_config` -- so nothing is fetched from a hub, the meta device works for `--dry-run`, and an
-exported model directory rebuilds the same architecture from its recipe. Weights come from `anchor.init_from`, a
-local checkpoint directory written by `save_pretrained` (see `load_pretrained`).
+builds such a model from the recipe alone -- `AutoConfig.for_model(anchor.options.model_type,
+**anchor.options.config)` then `AutoModelForCausalLM.from_config` -- so nothing is fetched from a hub, the meta
+device works for `--dry-run`, and an exported model directory rebuilds the same architecture from its recipe. Weights
+come from `anchor.init_from`, a local checkpoint directory written by `save_pretrained` (see `load_pretrained`).
 
 Memory sites are forward hooks registered once on the standard module names of a decoder layer; the hooks read the
 current MemoryContext from `self._memory`, which `forward` sets for the duration of one call. So transformers' code
@@ -34,7 +34,8 @@ from __future__ import annotations
 import copy
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -64,8 +65,16 @@ _BOOKKEEPING = {"_name_or_path", "architectures", "dtype", "torch_dtype", "trans
                 "is_encoder_decoder", "tokenizer_class", "_attn_implementation_autoset", "attn_implementation",
                 "_model_name_or_path", "unk_token_id"}   # the last two: GGUF conversions (general.name, tokenizer)
 
-# AnchorConfig fields that only the openlm anchor reads; an hf recipe that sets them almost surely meant hf_config
-_OPENLM_FIELDS = ("n_layers", "d_model", "n_heads", "head_dim", "ffn_dim", "tied_embeddings", "rope_base", "qk_norm")
+
+
+@dataclass
+class HFOptions:
+    """`anchor.options` of the hf anchor: a transformers model_type (llama, qwen2, gemma3_text, ...) and the keyword
+    arguments of its config class (hidden_size, intermediate_size, num_hidden_layers, ...); the model is built from
+    these, never downloaded."""
+
+    model_type: Optional[str] = None
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def _recipe_error(msg: str) -> Exception:
@@ -75,17 +84,18 @@ def _recipe_error(msg: str) -> Exception:
 
 
 def build_hf_config(model_type: str | None, hf_config: dict[str, Any]) -> Any:
-    """The transformers config of `anchor.hf_model_type` with `anchor.hf_config`; unknown keys are an error."""
+    """The transformers config of `anchor.options.model_type` with `anchor.options.config`; unknown keys are an
+    error."""
     from transformers import AutoConfig
 
     if not model_type:
-        raise _recipe_error("anchor.hf_model_type: the hf anchor needs a transformers model_type "
+        raise _recipe_error("anchor.options.model_type: the hf anchor needs a transformers model_type "
                             "(e.g. llama, qwen2, gemma3_text)")
     try:
         default = AutoConfig.for_model(model_type)
         config = AutoConfig.for_model(model_type, **hf_config)
     except ValueError as exc:
-        raise _recipe_error(f"anchor.hf_model_type={model_type!r} / anchor.hf_config: "
+        raise _recipe_error(f"anchor.options.model_type={model_type!r} / anchor.options.config: "
                             f"{str(exc).splitlines()[0][:300]}") from None
     # HF configs keep any unknown keyword as an attribute, so a typo would silently do nothing; a key that is neither
     # a parameter of the config class nor an attribute of its default instance is refused. Keys the class consumes
@@ -93,7 +103,7 @@ def build_hf_config(model_type: str | None, hf_config: dict[str, Any]) -> Any:
     params = set(inspect.signature(type(config).__init__).parameters)
     unknown = sorted(k for k in hf_config if k in config.to_dict() and k not in params and k not in default.to_dict())
     if unknown:
-        raise _recipe_error(f"anchor.hf_config: unknown key(s) {', '.join(unknown)} for model_type {model_type!r}; "
+        raise _recipe_error(f"anchor.options.config: unknown key(s) {', '.join(unknown)} for model_type {model_type!r}; "
                             f"known keys: {', '.join(sorted(params - {'self', 'kwargs'}))}")
     return config
 
@@ -140,30 +150,28 @@ class HFAnchor(nn.Module):
         # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes away)
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    @classmethod
-    def from_config(cls, cfg: AnchorConfig, *, vocab_size: int) -> "HFAnchor":
-        """Build `cfg.hf_model_type` from `cfg.hf_config` with random weights (respects torch.device("meta")).
+    Options = HFOptions
 
-        The vocabulary is hf_config.vocab_size (the checkpoint's), else anchor.vocab_size, else the tokenizer's.
+    @classmethod
+    def from_config(cls, cfg: AnchorConfig, *, vocab_size: int, options: HFOptions | None = None) -> "HFAnchor":
+        """Build `options.model_type` from `options.config` with random weights (respects torch.device("meta")).
+
+        The vocabulary is options.config's vocab_size (the checkpoint's), else anchor.vocab_size, else the tokenizer's.
         """
         from transformers import AutoModelForCausalLM
 
-        openlm_only = [k for k in _OPENLM_FIELDS if getattr(cfg, k) is not None]
-        if openlm_only:
-            raise _recipe_error(f"anchor.{openlm_only[0]}: only the openlm anchor reads {', '.join(openlm_only)}; "
-                                "with anchor.name=hf set the architecture in anchor.hf_config (hidden_size, "
-                                "intermediate_size, num_hidden_layers, num_attention_heads, ...)")
-        hf_config = dict(cfg.hf_config)
+        options = options or HFOptions()
+        hf_config = dict(options.config)
         model_vocab = hf_config.get("vocab_size")
         if model_vocab is not None and cfg.vocab_size is not None and model_vocab != cfg.vocab_size:
-            raise _recipe_error(f"anchor.vocab_size={cfg.vocab_size} differs from anchor.hf_config.vocab_size="
+            raise _recipe_error(f"anchor.vocab_size={cfg.vocab_size} differs from anchor.options.config.vocab_size="
                                 f"{model_vocab}; set one of them (the model's embedding rows)")
         if model_vocab is None:
             hf_config["vocab_size"] = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
         elif vocab_size > model_vocab:
-            raise _recipe_error(f"anchor.hf_config.vocab_size={model_vocab} is smaller than the tokenizer's "
+            raise _recipe_error(f"anchor.options.config.vocab_size={model_vocab} is smaller than the tokenizer's "
                                 f"vocabulary ({vocab_size} ids): the model cannot embed every token")
-        config = build_hf_config(cfg.hf_model_type, hf_config)
+        config = build_hf_config(options.model_type, hf_config)
         # sdpa: fused attention on CUDA, plain maths on CPU, and no optional kernel package (flash-attn) needed
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         return cls(model)
@@ -213,7 +221,7 @@ class HFAnchor(nn.Module):
         """Copy weights from a local `save_pretrained` directory (config.json + safetensors); never downloads.
 
         The checkpoint's config must describe the recipe's network: every key that changes the computation is
-        compared, and a difference is an error that lists what to copy into anchor.hf_config. The recipe stays the
+        compared, and a difference is an error that lists what to copy into anchor.options.config. The recipe stays the
         single source of truth, so an exported model directory rebuilds the same network.
         """
         from transformers import AutoModelForCausalLM
@@ -230,8 +238,8 @@ class HFAnchor(nn.Module):
         if diff:
             lines = "; ".join(f"{k}: recipe {ours.get(k)!r}, checkpoint {theirs.get(k)!r}" for k in diff)
             raise ValueError(f"anchor.init_from: {directory / 'config.json'} describes another network than "
-                             f"anchor.hf_model_type/anchor.hf_config ({lines}); copy the checkpoint's values into "
-                             "anchor.hf_config")
+                             f"anchor.options.model_type/config ({lines}); copy the checkpoint's values into "
+                             "anchor.options.config")
         self.model.load_state_dict(src.state_dict(), strict=True)
 
     # ------------------------------------------------------------------ forward

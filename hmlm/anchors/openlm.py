@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +72,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1.4b": dict(n_layers=24, d_model=2048, n_heads=16, head_dim=128, ffn_dim=5632, tied_embeddings=False),
 }
 
-# AnchorConfig fields that override a preset when not None
-_OVERRIDES = ("n_layers", "d_model", "n_heads", "head_dim", "ffn_dim", "tied_embeddings", "rope_base", "qk_norm")
+
+
+@dataclass
+class OpenLMOptions:
+    """`anchor.options` of the openlm anchor: a preset, then every field set (not None) overrides it."""
+
+    preset: str = "tiny"         # tiny / 160m / 410m / 1.4b
+    n_layers: Optional[int] = None
+    d_model: Optional[int] = None
+    n_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    ffn_dim: Optional[int] = None
+    tied_embeddings: Optional[bool] = None
+    rope_base: Optional[float] = None
+    qk_norm: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} (preset); known presets: {', '.join(PRESETS)}")
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
 
 
 class RMSNorm(nn.Module):
@@ -323,18 +343,19 @@ class OpenLMAnchor(nn.Module):
         self.flex_attention = True
         self.reset_parameters()
 
+    Options = OpenLMOptions
+
     @classmethod
-    def from_config(cls, cfg: AnchorConfig, *, vocab_size: int) -> "OpenLMAnchor":
-        """Preset `cfg.preset`, then every non-None field of `cfg` overrides it."""
-        if cfg.preset not in PRESETS:
-            raise ValueError(f"anchor.preset: unknown preset {cfg.preset!r}; known presets: {', '.join(PRESETS)}")
-        kwargs = dict(PRESETS[cfg.preset])
-        kwargs.update({k: getattr(cfg, k) for k in _OVERRIDES if getattr(cfg, k) is not None})
+    def from_config(cls, cfg: AnchorConfig, *, vocab_size: int,
+                    options: OpenLMOptions | None = None) -> "OpenLMAnchor":
+        """Preset `options.preset`, then every non-None field of `options` overrides it."""
+        options = options or OpenLMOptions()
+        kwargs = {**PRESETS[options.preset], **options.overrides()}
         kwargs["vocab_size"] = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
         try:
             config = OpenLMConfig(**kwargs)
         except ValueError as exc:
-            raise ValueError(f"anchor (preset {cfg.preset!r} with overrides): {exc}") from None
+            raise ValueError(f"anchor.options (preset {options.preset!r} with overrides): {exc}") from None
         return cls(config)
 
     def reset_parameters(self) -> None:

@@ -77,19 +77,19 @@ def check_anchor(make: Callable[[], Any], b: int = 2, t: int = 7) -> None:
 
 
 class AnchorTests:
-    """pytest mix-in: subclass as `class TestMine(AnchorTests)` and set `plugin`, `config` (and `options`)."""
+    """pytest mix-in: subclass as `class TestMine(AnchorTests)` and set `plugin` and `options` (a tiny model)."""
 
     plugin: Any = None                        # registry name of the anchor, or its class
-    options: Mapping[str, Any] | None = None  # as under `anchor.options` in a recipe
-    config: Mapping[str, Any] = {}            # anchor.* keys giving a tiny model (default: the kit's tiny openlm shape)
+    options: Mapping[str, Any] | None = None  # as under `anchor.options` in a recipe: the architecture of a tiny model
+    config: Mapping[str, Any] = {}            # the core's anchor.* keys (vocab_size, ...), rarely needed
     vocab_size = 64
 
     def make(self):
         from ..config import AnchorConfig
-        from .common import TINY_ANCHOR, make_plugin
+        from .common import make_plugin
 
         assert self.plugin is not None, "set `plugin` to the anchor's registry name or class"
-        cfg = AnchorConfig(**dict(self.config or TINY_ANCHOR))
+        cfg = AnchorConfig(**dict(self.config))
         torch.manual_seed(0)
         return make_plugin("anchors", self.plugin, "from_config", cfg, vocab_size=self.vocab_size,
                            options=self.options)

@@ -6,7 +6,8 @@ from typing import Any, Mapping
 from .. import registry
 from ..plugin_config import SLOT_BY_GROUP, call_with_options
 
-# a 2-layer anchor small enough for every check to run in well under a second on a CPU
+# the openlm anchor's options (`anchor.options`) of a 2-layer anchor small enough for every check to run in well under
+# a second on a CPU
 TINY_ANCHOR = {"preset": "tiny", "n_layers": 2, "d_model": 32, "n_heads": 2, "head_dim": 16, "ffn_dim": 64}
 TINY_VOCAB = 64
 
@@ -31,5 +32,5 @@ def tiny_anchor(*, vocab_size: int = TINY_VOCAB, seed: int = 0, **overrides: Any
     from ..config import AnchorConfig
 
     torch.manual_seed(seed)
-    return registry.get("anchors", "openlm").from_config(AnchorConfig(**{**TINY_ANCHOR, **overrides}),
-                                                         vocab_size=vocab_size)
+    return make_plugin("anchors", "openlm", "from_config", AnchorConfig(), vocab_size=vocab_size,
+                       options={**TINY_ANCHOR, **overrides})

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import Recipe, RecipeError, to_dict, validate
+from ..config import LEGACY_ANCHOR_KEYS, Recipe, RecipeError, move_legacy_anchor_keys, to_dict, validate
 from ..index import fingerprint, read_index_meta, vocab_size_for
 from .checkpoints import ResumePoint, checkpoint_problem, resolve_resume, sidecar_path, stamp_of
 from .errors import FitError, short_reason
@@ -117,7 +117,7 @@ def check_model(recipe: Recipe, source: str) -> None:
         anchor = build_anchor(recipe, vocab, device="meta")
         build_layout(recipe, anchor)
     except (RecipeError, ValueError, TypeError, KeyError, PluginError) as exc:
-        # plugins name the key at the start of their message ("anchor.preset: unknown preset 'huge'; ...")
+        # plugins name the key at the start of their message ("anchor.options.model_type: the hf anchor needs ...")
         text = re.sub(r"^([a-z_]+(?:\.[a-z_0-9]+)+): ", r"key `\1`: ", str(exc).strip("'\""))
         raise RecipeError(f"{source}: {text}") from None
 
@@ -168,7 +168,7 @@ def model_stamp(recipe: Recipe) -> dict[str, Any]:
     """The recipe keys a checkpoint's tensors and data order depend on (training-only keys such as lr, max_steps or
     batch_size may change on --resume)."""
     d = to_dict(recipe)
-    stamp: dict[str, Any] = {f"anchor.{k}": v for k, v in d["anchor"].items() if k != "init_from"}
+    stamp = anchor_stamp(d["anchor"])
     stamp.update({f"memory.{k}": d["memory"][k] for k in ("type", "sizes", "placement", "generic", "dtype")})
     stamp.update({"index.router.branching": recipe.index.router.branching,
                   "index.router.levels": recipe.index.router.levels, "data.seq_len": recipe.data.seq_len,
@@ -176,10 +176,41 @@ def model_stamp(recipe: Recipe) -> dict[str, Any]:
     return stamp
 
 
+def anchor_stamp(anchor: dict[str, Any]) -> dict[str, Any]:
+    """The anchor's stamp keys: the core's (`anchor.name`, `anchor.vocab_size`) and every option of the anchor plugin
+    with its defaults filled in (`anchor.options.n_layers`), so a recipe that spells out a default stamps like one
+    that leaves it out. The older schema's keys (`anchor.n_layers`) are read as options, as in a recipe."""
+    from ..plugin_config import parse_options
+    from ..registry import PluginError, get
+
+    anchor = {k: v for k, v in anchor.items() if k != "init_from"}
+    move_legacy_anchor_keys({"anchor": anchor}, "checkpoint stamp")
+    options = dict(anchor.pop("options", None) or {})
+    try:
+        typed = parse_options(get("anchors", anchor.get("name")), options, source="checkpoint stamp",
+                              key="anchor.options")
+    except (PluginError, RecipeError):
+        typed = None   # an anchor not installed here or options it refuses: compared as written
+    if typed is not None:
+        options = asdict(typed)
+    return {**{f"anchor.{k}": v for k, v in anchor.items()}, **{f"anchor.options.{k}": v for k, v in options.items()}}
+
+
+def _current_stamp(stamp: dict[str, Any]) -> dict[str, Any]:
+    """A stamp written before the anchors owned their options (flat `anchor.preset`, `anchor.options` as one
+    mapping) in today's keys, so such a checkpoint still resumes with today's recipe."""
+    flat = {k.removeprefix("anchor."): v for k, v in stamp.items()
+            if k.startswith("anchor.") and not k.startswith("anchor.options.")}
+    if not flat.keys() & (set(LEGACY_ANCHOR_KEYS) | {"options"}):
+        return stamp
+    return {**{k: v for k, v in stamp.items() if not k.startswith("anchor.")}, **anchor_stamp(flat)}
+
+
 def check_stamp(point: ResumePoint, recipe: Recipe, source: str) -> None:
     stamp = stamp_of(point.ckpt)
     if stamp is None:
         return  # a checkpoint from before stamps: its tensors are compared with the model once it is built
+    stamp = _current_stamp(stamp)
     mine = model_stamp(recipe)
     diff = [k for k in sorted(set(stamp) | set(mine)) if stamp.get(k) != mine.get(k)]
     if diff:
