@@ -209,7 +209,15 @@ def call2(a: argparse.Namespace, out: Path) -> dict:
     recipe = load_recipe_of(manifest, a.overrides)
     info = convert_gguf(whole, manifest["gguf"]["convert_to"], overwrite=True)
     log(f"converted -> {manifest['gguf']['convert_to']}: {info['parameters']:,} parameters in {info['seconds']} s")
-    result = fit(recipe, overwrite=True, source=manifest["recipe"], progress=False)
+    # Lightning's Timer ends training (the model is still exported) where the call's budget would be overrun
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import Timer
+
+    train_s = max(30.0, a.budget_s - (time.perf_counter() - t0) - a.export_reserve_s)
+    log(f"fit: at most {recipe.trainer.max_steps} steps, stopped after {train_s:.0f} s of training if not done")
+    result = fit(recipe, overwrite=True, source=manifest["recipe"], progress=False,
+                 callbacks=[Timer(duration=timedelta(seconds=train_s), interval="step")])
     (Path(result["model_dir"]) / "posthoc_manifest.txt").write_text(manifest["id"] + "\n")
     return {"call": 2, "manifest": manifest["id"], "convert": info, "fit": result,
             "overrides": a.overrides, "model_dir": result["model_dir"]}
@@ -314,7 +322,8 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         t0 = time.perf_counter()
         rc, _ = captured(["eval", "--model", str(model_dir), "--memory", f"fetched,generic,none,{block}",
                           "--max-gen-toks", str(a.max_gen_toks), "--batch-size", "64", "--out", str(eval_dir),
-                          *(["--limit", str(a.eval_limit)] if a.eval_limit else []), *emb_args])
+                          *(["--limit", str(a.eval_limit)] if a.eval_limit else []),
+                          *(["--tasks", a.eval_tasks] if a.eval_tasks else []), *emb_args])
         summary["steps"]["eval"] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
         if rc == 0:
             report = json.loads((eval_dir / "report.json").read_text())
@@ -328,7 +337,7 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
             continue
         if budget.allows(f"bench_generate_{device}", est):
             summary.setdefault("latency", []).extend(run_generate_bench(
-                model_dir, modes=["fetched", "none"], tokens=32, device=device, embedder_path=emb))
+                model_dir, modes=["fetched", "none"], tokens=a.bench_tokens, device=device, embedder_path=emb))
     summary["skipped"] = budget.skipped
     if eval_dir.is_dir():
         with tarfile.open(out / "eval.tar.xz", "w:xz") as tar:
@@ -381,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--site", type=Path, default=None, help="unpacked carried packages (appended to sys.path)")
     pc.add_argument("--model", default=None, help="call 3: the model directory (default: <the recipe's out_dir>/model)")
     pc.add_argument("--budget-s", type=float, default=500.0)
+    pc.add_argument("--export-reserve-s", type=float, default=90.0, help="call 2: kept for export + held-out ppl")
     pc.add_argument("--eval-estimate-s", type=float, default=240.0)
     pc.add_argument("--eval-limit", type=int, default=None)
+    pc.add_argument("--eval-tasks", default=None, help="hmlm eval --tasks (default: the fact tasks + CK control)")
+    pc.add_argument("--bench-tokens", type=int, default=32, help="tokens decoded per prompt in the latency rows")
     pc.add_argument("--max-gen-toks", type=int, default=8)
     pc.add_argument("--max-new-tokens", type=int, default=8)
     pc.add_argument("overrides", nargs="*", help="call 2: training overrides (trainer.max_steps=...)")

@@ -62,6 +62,7 @@ def test_three_calls_train_and_evaluate_and_a_lost_machine_is_named(tmp_path, mo
     assert fit["convert"]["parameters"] > 0 and (conv / "model.safetensors").is_file()
 
     assert script.main(["call", "3", "--out", str(tmp_path / "o3"), *common, "--eval-limit", "2",
+                        "--eval-tasks", "hmlm_atomic_number,hmlm_heldout_lastword", "--bench-tokens", "2",
                         "--budget-s", "3600"]) == 0
     summary = json.loads((tmp_path / "o3" / "summary.json").read_text())
     assert summary["steps"]["generate_fetched"]["rc"] == 0 and "path (level:node)" in \
