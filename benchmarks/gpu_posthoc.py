@@ -316,19 +316,28 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
     for mode in ("fetched", block, "none"):
         summary["removal"]["rows"] += removal_rows(m, mode, REMOVAL_PROMPTS + CONTROL_PROMPTS, a.max_new_tokens)
     log(f"removal with {block}: done")
-    # 3. before/after: hmlm eval, memory none = the frozen SmolLM2 alone ("before"), fetched/generic = after
+    save(out, summary, budget)
+    # 3. before/after: hmlm eval, one memory mode at a time (each report is kept when the next would not fit):
+    #    none = the frozen SmolLM2 alone ("before"), fetched and generic = the same model with memory ("after")
     eval_dir = out / "eval"
-    if budget.allows("eval", a.eval_estimate_s):
+    estimate = a.eval_estimate_s
+    for mode in ("none", "fetched", "generic"):
+        if not budget.allows(f"eval_{mode}", estimate):
+            continue
         t0 = time.perf_counter()
-        rc, _ = captured(["eval", "--model", str(model_dir), "--memory", f"fetched,generic,none,{block}",
-                          "--max-gen-toks", str(a.max_gen_toks), "--batch-size", "64", "--out", str(eval_dir),
+        rc, _ = captured(["eval", "--model", str(model_dir), "--memory", mode, "--max-gen-toks", str(a.max_gen_toks),
+                          "--batch-size", "64", "--out", str(eval_dir / mode),
                           *(["--limit", str(a.eval_limit)] if a.eval_limit else []),
                           *(["--tasks", a.eval_tasks] if a.eval_tasks else []), *emb_args])
-        summary["steps"]["eval"] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
+        seconds = time.perf_counter() - t0
+        estimate = 1.15 * seconds
+        summary["steps"][f"eval_{mode}"] = {"rc": rc, "seconds": round(seconds, 1)}
         if rc == 0:
-            report = json.loads((eval_dir / "report.json").read_text())
-            summary["eval"] = pooled_buckets(report)
-            summary["eval_perplexity"] = (report["models"][0].get("perplexity") or {}).get("overall")
+            report = json.loads((eval_dir / mode / "report.json").read_text())
+            summary.setdefault("eval", {}).update(pooled_buckets(report))
+            ppl = (report["models"][0].get("perplexity") or {}).get("overall") or {}
+            summary.setdefault("eval_perplexity", {}).update(ppl)
+        save(out, summary, budget)
     # 4. decode latency per token, with and without memory, on this device and on the CPU
     from hmlm.bench.generate import run_generate_bench
 
@@ -338,13 +347,20 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         if budget.allows(f"bench_generate_{device}", est):
             summary.setdefault("latency", []).extend(run_generate_bench(
                 model_dir, modes=["fetched", "none"], tokens=a.bench_tokens, device=device, embedder_path=emb))
-    summary["skipped"] = budget.skipped
+            save(out, summary, budget)
     if eval_dir.is_dir():
         with tarfile.open(out / "eval.tar.xz", "w:xz") as tar:
             tar.add(eval_dir, arcname="eval")
         shutil.rmtree(eval_dir)
-    (out / "table.md").write_text(table_md(summary))
+    save(out, summary, budget)
     return summary
+
+
+def save(out: Path, summary: dict, budget: Budget) -> None:
+    """summary.json and table.md as far as the call got (a call cut off at its limit keeps the finished steps)."""
+    summary["skipped"] = budget.skipped
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "table.md").write_text(table_md(summary))
 
 
 def table_md(s: dict) -> str:
@@ -389,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--stage", type=Path, default=Path("/tmp/hmlm-posthoc"), help="outside the repository")
     pc.add_argument("--site", type=Path, default=None, help="unpacked carried packages (appended to sys.path)")
     pc.add_argument("--model", default=None, help="call 3: the model directory (default: <the recipe's out_dir>/model)")
-    pc.add_argument("--budget-s", type=float, default=500.0)
+    pc.add_argument("--budget-s", type=float, default=520.0, help="steps that would end later are skipped")
     pc.add_argument("--export-reserve-s", type=float, default=90.0, help="call 2: kept for export + held-out ppl")
-    pc.add_argument("--eval-estimate-s", type=float, default=240.0)
+    pc.add_argument("--eval-estimate-s", type=float, default=120.0, help="first eval mode; then measured")
     pc.add_argument("--eval-limit", type=int, default=None)
     pc.add_argument("--eval-tasks", default=None, help="hmlm eval --tasks (default: the fact tasks + CK control)")
     pc.add_argument("--bench-tokens", type=int, default=32, help="tokens decoded per prompt in the latency rows")
