@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--gguf", type=Path, required=True)
     pp.add_argument("--recipe", default=DEFAULT_RECIPE)
     pp.add_argument("--smol", type=Path, default=Path(".smol"))
-    pp.add_argument("--first-part-mib", type=float, default=58.0, help="GGUF bytes carried by call 1")
+    pp.add_argument("--first-part-mib", type=float, default=54.0, help="GGUF MiB carried by call 1")
     pp.add_argument("overrides", nargs="*")
     pc = sub.add_parser("call", help="one GPU call")
     pc.add_argument("call", type=int, choices=(1, 2, 3))

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_posthoc_prepare.sh
 #
-#   .smol/a  GGUF bytes [0, 58 MiB)                                                     ~58 MiB
+#   .smol/a  GGUF bytes [0, 54 MiB)                                                     ~54 MiB
 #   .smol/b  the rest of the GGUF, the index (built here: MiniLM from the pip package), the gguf wheel,
 #            site.tar.xz (omegaconf, lm-eval, ...)
 #   .smol/c  the bf16 MiniLM copy (hmlm embedder export), site.tar.xz                   ~46 MiB
