@@ -17,22 +17,10 @@ shift
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repro="${HMLM_REPRO:-.repro}"
 py="${PYTHON:-python3}"
-# The carried packages go under the interpreter's prefix where it is writable (a fresh GPU machine: yes), because
-# datasets fingerprints with dill, and dill pickles any module outside sys.prefix by value: from /tmp, lm-eval's
-# and datasets' own modules would be pickled whole (a CPU rehearsal with pyarrow outside the prefix failed that way
-# on pyarrow's MonthDayNano; with the packages under the prefix it passed).
-prefix=$("$py" -c 'import os, sys; print(os.path.realpath(sys.prefix))')
-if [ -w "$prefix" ]; then
-  site="$prefix/hmlm-repro-site"
-else
-  site="${TMPDIR:-/tmp}/hmlm-repro-site"
-  echo "gpu_repro.sh: $prefix is not writable; packages go to $site (hmlm eval may fail to fingerprint)" >&2
-fi
-rm -rf "$site"
-mkdir -p "$site" "$out"
-if [ -f "$repro/site.tar.xz" ]; then
-  tar -xJf "$repro/site.tar.xz" -C "$site"
-fi
+source benchmarks/carried_site.sh
+mkdir -p "$out"
+unpack_site "$py" "$repro/site.tar.xz" hmlm-repro-site
+site="$SITE"
 emb=()
 if [ -f "$repro/minilm-bf16/hmlm_embedder.json" ]; then
   emb=(--embedder-path "$repro/minilm-bf16")

@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt")
     b.add_argument("--device", default=None)
     b.add_argument("--no-verify", action="store_true")
+    b.add_argument("--embedder-path", default=None, metavar="DIR", help="route with this copy of the embedder")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     b = bench.add_parser("bank-io", help="bank start-up and export: init, export, load, checkpoint save/load per tier")
     _recipe_args(b)
@@ -387,7 +388,7 @@ def _bench_generate(args) -> int:
     from .bench.generate import run_generate_bench
 
     rows = run_generate_bench(args.model, modes=[m for m in args.memory.split(",") if m], tokens=args.tokens,
-                              device=args.device, verify=not args.no_verify)
+                              device=args.device, verify=not args.no_verify, embedder_path=args.embedder_path)
     table = Table(title=f"decode latency, {rows[0]['device']}, {rows[0]['prompts']} prompts x {args.tokens} tokens")
     for col in ("memory", "kv_cache", "ms_per_token", "route_fetch_ms"):
         table.add_column(col, justify="left" if col == "memory" else "right")

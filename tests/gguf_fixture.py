@@ -28,12 +28,16 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, seed: int = 0):
-    """Write the GGUF; return the transformers LlamaForCausalLM (float32, eval) whose weights it holds."""
+def write_tiny_gguf(path: Path, seed: int = 0, vocab_multiple: int = 1):
+    """Write the GGUF; return the transformers LlamaForCausalLM (float32, eval) whose weights it holds. With
+    `vocab_multiple` the vocabulary is padded with unused control tokens to a multiple of it (hmlm pads the model's
+    vocabulary to a multiple of 64, as SmolLM2's 49,152 already is)."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokens = SPECIALS + _byte_tokens()
+    specials = SPECIALS + [f"<|unused{i}|>" for i in range(-len(tokens) % vocab_multiple)]
+    tokens = specials + _byte_tokens()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -54,7 +58,7 @@ def write_tiny_gguf(path: Path, seed: int = 0):
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
-    w.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
     w.add_token_scores([0.0] * len(tokens))
     w.add_token_merges([])
     w.add_name("Tiny Test Llama")   # becomes config._model_name_or_path, as SmolLM2's does

@@ -12,11 +12,11 @@ DEFAULT_PROMPTS = ("The atomic number of Hafnium is", "Hafnium was discovered in
 
 def run_generate_bench(model_dir: str | Path, *, modes: Sequence[str], tokens: int = 32,
                        prompts: Sequence[str] = DEFAULT_PROMPTS, repeats: int = 2, device: str | None = None,
-                       verify: bool = True) -> list[dict[str, Any]]:
+                       verify: bool = True, embedder_path: str | Path | None = None) -> list[dict[str, Any]]:
     from ..api import MemoryModel
     from ..generate import Sampling, generate_ids
 
-    m = MemoryModel.load(model_dir, device=device, verify=verify)
+    m = MemoryModel.load(model_dir, device=device, verify=verify, embedder_path=embedder_path)
     sampling = Sampling(max_new_tokens=tokens)
     rows = []
     for mode in modes:
