@@ -300,8 +300,25 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         summary["steps"][f"generate_{mode}"] = {"rc": rc, "output": text[-3000:]}
     # 2. knowledge removal: block the node whose training documents mention Hafnium most, at the deepest level
     #    where one node holds most of them
+    # the index was built on the CPU: entity counts read the training corpus, which the bundled generator writes
+    # again here, byte for byte (deterministic for the recipe's seed, same cache key as the index's)
+    from hmlm.data.bundled import build_bundled_corpus
+
+    built = build_bundled_corpus(seed=0)
+    for meta_file in [p for top in (".smol", "runs") for p in Path(top).glob("**/index.json")]:
+        recorded = Path(json.loads(meta_file.read_text()).get("corpus", ""))
+        if recorded.name == "corpus.jsonl" and not recorded.exists() and recorded.parent.name.startswith("seed0-"):
+            # the cache key also hashes the generator's code: place the regenerated files where the index says
+            recorded.parent.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(built.parent, recorded.parent, dirs_exist_ok=True)
     m = hmlm.load(model_dir, embedder_path=emb)
-    hits = entity_nodes(eval_data_of(model_dir), ["Hafnium"])
+    from hmlm.knowledge import KnowledgeError
+
+    try:
+        hits = entity_nodes(eval_data_of(model_dir), ["Hafnium"])
+        no_counts = None
+    except KnowledgeError as exc:  # e.g. a model exported where its training corpus was absent
+        hits, no_counts = [], str(exc)
     summary["hafnium_nodes"] = [vars(h) for h in hits]
     fetched_path = m.route(HAFNIUM)
     on_path = [h for h in hits if fetched_path[h.level - 1] == h.node]
@@ -310,7 +327,8 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         level, node, why = target.level, target.node, vars(target)
     else:      # no training document names Hafnium (a tiny corpus): block the prompt's own leaf
         level, node = len(fetched_path), fetched_path[-1]
-        why = {"note": "no training document mentions Hafnium; blocked the prompt's leaf"}
+        why = {"note": (f"no Hafnium counts ({no_counts}); blocked the prompt's leaf" if no_counts else
+                        "no training document mentions Hafnium; blocked the prompt's leaf")}
     block = f"blocked:{level}:{node}"
     summary["removal"] = {"block": block, "target": why, "rows": []}
     for mode in ("fetched", block, "none"):
