@@ -609,6 +609,39 @@ class PipelinedLevel(Level):
         self.pending = [f for f in self.pending if not f.done()]
         self.pending.append(self.worker.submit(self._write_back, rows.clone(), batch, mask, ready))
 
+    def update_on_host(self, rows: torch.Tensor, grad: torch.Tensor, steps: torch.Tensor, hyper: object,
+                       adam: object) -> None:
+        """memory.host_update=cpu_adam: queue the in-place update of rows in host RAM behind this level's earlier
+        tasks. The gradient and step counts (device tensors, clip factor applied) come to pinned memory on the side
+        stream, then `adam` (cpu_adam.HostAdam) updates the rows and their moments. The versions move now, like a
+        write-back's, so no stage task queued earlier serves the old values and a synchronous read waits for it."""
+        r = rows.numpy().copy()
+        self.version[r] += 1
+        fresh = ~self.state_rows[rows]
+        self.state_rows[rows] = True
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.compute_device))
+        self.pending = [f for f in self.pending if not f.done()]
+        self.pending.append(self.worker.submit(self._host_update, rows.clone(), grad, steps, fresh, hyper, adam,
+                                               ready))
+
+    def _host_update(self, rows: torch.Tensor, grad: torch.Tensor, steps: torch.Tensor, fresh: torch.Tensor,
+                     hyper: object, adam: object, ready: object) -> None:
+        if self.cuda:
+            with torch.cuda.device(self.compute_device), torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (grad, steps)]
+                for dst, src in zip(host, (grad, steps)):
+                    dst.copy_(src, non_blocking=True)
+                    src.record_stream(self.stream)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            done.synchronize()
+            grad, steps = host
+        adam.update_rows(self.storage, rows, grad, steps.cpu(), fresh, hyper)
+
     def invalidate(self) -> None:
         """Forget staged and recent rows (after a bulk write, a restore or a restriction)."""
         self.flush()

@@ -205,6 +205,8 @@ def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps
                   bank_params=model.layout.bank_params() if model.layout else 0)
     if model.store is not None and hasattr(model.store, "bytes_by_tier"):
         common["bank_bytes_by_tier"] = model.store.bytes_by_tier()
+    if model.store is not None and hasattr(model.store, "ops_used"):
+        common.update(model.store.ops_used())   # disk_io (aio | threads), host_update (gpu | cpu_adam)
     rows = []
     for b in sizes:
         try:
