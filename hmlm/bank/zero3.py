@@ -211,6 +211,8 @@ class Zero3Store(TieredStore):
         self._materialize()
         for level in self.levels.values():
             level.param.ds_tensor.data.fill_(value)   # each rank's partition (all of it in a world of one)
+        for flat in getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", []):
+            flat.data.fill_(value)                     # and the optimizer's fp32 master copy of it
 
     def save_checkpoint(self, directory, step: int) -> dict:
         raise BankFileError("memory.store=zero3 is the benchmark baseline (hmlm bench train --stores zero3); it "
