@@ -100,11 +100,11 @@ class AIOBlockIO:
         return [(flat[a:a + step], self.base + row * self.stride + a) for a in range(0, flat.nbytes, step)]
 
     def read_range(self, row: int, out: torch.Tensor) -> None:
-        if not self._submit(self._range(row, out), write=False):
+        if not (out.is_contiguous() and self._submit(self._range(row, out), write=False)):
             self.fallback.read_range(row, out)
 
     def write_range(self, row: int, src: torch.Tensor) -> None:
-        if not self._submit(self._range(row, src), write=True):
+        if not (src.is_contiguous() and self._submit(self._range(row, src), write=True)):
             self.fallback.write_range(row, src)
 
     def drop_cache(self) -> None:

@@ -85,7 +85,11 @@ def _load(name: str) -> ModuleType:
     if name == "async_io":
         use_libaio()
     builder = _builder(name)
-    if name == "async_io" and not builder.is_compatible(verbose=False):
+    try:   # DeepSpeed's probe compiles and links a test program (distutils, or setuptools' copy of it)
+        compatible = name != "async_io" or builder.is_compatible(verbose=False)
+    except Exception as exc:
+        raise OpUnavailable(f"DeepSpeed's probe for libaio failed: {type(exc).__name__}: {exc}"[:400]) from None
+    if not compatible:
         raise OpUnavailable("libaio was not found (no libaio.h / libaio.so to compile and link against); install "
                             "libaio-dev or set HMLM_LIBAIO_DIR to an unpacked copy (hmlm/bank/dsops.py)")
     try:

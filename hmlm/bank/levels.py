@@ -533,7 +533,7 @@ class PipelinedLevel(Level):
             f.result()
         self.pending = []
 
-    def fetch(self, rows: torch.Tensor, with_state: bool) -> RowBatch:
+    def fetch(self, rows: torch.Tensor, with_state: bool, training: bool | None = None) -> RowBatch:
         r = rows.numpy()
         n = len(r)
         sources: list[tuple[object, list[int], list[int]]] = []   # (source, dst positions, src positions)
@@ -586,8 +586,10 @@ class PipelinedLevel(Level):
             for o, s in zip(out.tensors(), src.batch.tensors()):
                 o.index_copy_(0, d, s.index_select(0, p))
         # a training fetch consumes the stage tasks up to the newest one it used (the loader announces batches in
-        # order); an inference fetch (no state) leaves them for the training step they were announced for
-        used = [src for src, _, _ in sources if any(src is t for t in self.tasks)] if with_state else []
+        # order); an inference fetch leaves them for the training step they were announced for. A training fetch is
+        # one with state, or one told so (host rows updated by the CPU Adam travel without their state)
+        training = with_state if training is None else training
+        used = [src for src, _, _ in sources if any(src is t for t in self.tasks)] if training else []
         if used:
             last = max(i for i, t in enumerate(self.tasks) if any(t is u for u in used))
             for _ in range(last + 1):

@@ -373,7 +373,8 @@ class TieredStore:
             # staged tiers bring the rows' optimizer state along (one read); the device tier reads it at step time,
             # host rows updated by the CPU Adam need only their values on the device
             with_state = isinstance(level, PipelinedLevel) and not self.updates_on_host(key)
-            batch = level.fetch(rows, with_state)
+            batch = level.fetch(rows, with_state, training=True) if isinstance(level, PipelinedLevel) \
+                else level.fetch(rows, with_state)
             leaf = batch.params.to(torch.float32, copy=True).requires_grad_(True)
             self._fetched.append(_Fetched(key, rows, leaf, batch if with_state else None))
             return leaf
