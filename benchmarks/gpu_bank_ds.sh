@@ -16,8 +16,8 @@
 # OUT_DIR/zero3/bank_rows.json + bank.md; OUT_DIR/tools.txt (compilers, libaio), OUT_DIR/build_*.log (op builds).
 #
 # Needs: the carried wheels of deepspeed and its dependencies in .gpu-ds/ (installed into $HMLM_DS_SITE, default
-# /tmp/site, when deepspeed is not importable), omegaconf, and .gpu-aio/ (Debian's libaio unpacked in .gpu-aio/root,
-# a ninja wheel). The ops are built once into .gpu-ops-cache/ (git-ignored, not carried: a second call on the warm
+# /tmp/site, when deepspeed is not importable), omegaconf, and .gpu-aio/ (Debian's libaio unpacked in .gpu-aio/root;
+# wheels of ninja, py-cpuinfo, einops, msgpack, psutil, installed where the image lacks them). The ops are built once into .gpu-ops-cache/ (git-ignored, not carried: a second call on the warm
 # machine reuses them, so GROUPS skipped by the budget can be run in a second call).
 # `GPU_BANK_DS_TINY=1` runs every call on a tiny model (CPU test; no install, rows whose op is missing become errors).
 set -uo pipefail
@@ -39,6 +39,11 @@ if [ "$tiny" != 1 ] && ! "$py" -c "import deepspeed" 2>/dev/null; then
   site="${HMLM_DS_SITE:-/tmp/site}"
   wheels=("$here"/.gpu-ds/*.whl)
   command -v ninja >/dev/null || wheels+=("$here"/.gpu-aio/ninja-*.whl)
+  # DeepSpeed's other dependencies, from .gpu-aio where the image lacks them (CPU Adam reads the CPU's features
+  # with py-cpuinfo)
+  for pair in py_cpuinfo:cpuinfo einops:einops msgpack:msgpack psutil:psutil; do
+    "$py" -c "import ${pair##*:}" 2>/dev/null || wheels+=("$here"/.gpu-aio/"${pair%%:*}"-*.whl)
+  done
   "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" \
     || { echo "gpu_bank_ds.sh: cannot install the carried wheels (${wheels[*]})" >&2; exit 2; }
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
