@@ -33,5 +33,5 @@ def test_gpu_bank_ds_script_tiny(tmp_path):
         else:
             assert r["tokens_per_s"] > 0 and r["ratio_vs_anchor"] is not None
     zero3 = json.loads((out / "zero3" / "bank_rows.json").read_text())["train"]
-    assert zero3[-1]["tokens_per_s"] or "eepSpeed" in zero3[-1]["error"] or "deepspeed" in zero3[-1]["error"]
+    assert zero3[-1].get("tokens_per_s") or "deepspeed" in zero3[-1]["error"].lower(), zero3[-1]
     assert "gpu_bank_ds.sh:" in proc.stdout and not (tmp_path / "hmlm-gpu-bank-ds").exists()
