@@ -2,7 +2,8 @@
 
 Rows, in this order (the most telling first, so a budget that runs out drops the least):
   1. the anchor alone at each batch size (the baseline of every ratio, measured in this run);
-  2. anchor + memory for each tier plan (`--plans`, ';'-separated `TIERS[@OPTIM_STATE]`): the model and bank are built
+  2. anchor + memory for each tier plan (`--plans`, ';'-separated `TIERS[@OPTIM_STATE][+KEY=VALUE...]`, TIERS `zero3`
+     for the DeepSpeed ZeRO-3 baseline store; benchmarks/gpu_bank_ds.sh uses the overrides): the model and bank are built
      once per plan and timed at each batch size (`hmlm.bench.train_step.measure_batches`);
   3. `hmlm bench bank-io` of the bank with `--bankio-tiers` (init, export, load, checkpoint save and load).
 
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-dir", type=Path, default=None,
                     help="disk-tier level files and bank-io scratch, removed after each row (default: a folder in "
                          "$TMPDIR; keep it off OUT, whose files are copied back)")
-    ap.add_argument("--plans", default=PLANS, help="';'-separated tier plans TIERS[@OPTIM_STATE]")
+    ap.add_argument("--plans", default=PLANS, help="';'-separated tier plans TIERS[@OPTIM_STATE][+KEY=VALUE...] "
+                    "(TIERS zero3: the bank under DeepSpeed ZeRO-3)")
     ap.add_argument("--batches", default="8,4")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
