@@ -241,3 +241,13 @@ def test_zero3_store_equals_the_device_store_when_every_row_is_fetched(tmp_path,
     for key, ref in results["device"][1].items():
         torch.testing.assert_close(results["zero3"][1][key], ref, rtol=1e-5, atol=1e-6)
     assert results["device"][0][-1] < results["device"][0][0]
+
+
+def test_bench_train_has_a_zero3_row(tiny_recipe, tmp_path):
+    """`hmlm bench train --stores zero3`: a measured row where DeepSpeed runs, an error row saying why elsewhere."""
+    from hmlm.bench.train_step import run_bench
+
+    recipe = tiny_recipe(**{"trainer.batch_size": 2, "data.seq_len": 16})
+    rows = run_bench(recipe, vocab_size=128, stores=["zero3"], steps=1, warmup=0, out=tmp_path / "rows.json")
+    assert [r["store"] for r in rows] == [None, "zero3"] and rows[0]["tokens_per_s"] > 0
+    assert rows[1].get("tokens_per_s") or "deepspeed" in rows[1]["error"].lower(), rows[1]

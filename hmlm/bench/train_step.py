@@ -188,6 +188,11 @@ def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps
         trainer = _Trainer(recipe, vocab_size, device, compile)
     except torch.cuda.OutOfMemoryError as exc:
         message = _oom_message(exc)
+    except Exception as exc:  # a store that cannot be built here (e.g. zero3 without DeepSpeed): an error row
+        import logging
+
+        logging.getLogger("hmlm.bench").exception("building %s failed", row_name(store, compile))
+        message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     else:
         message = None
     if message is not None:
