@@ -33,6 +33,8 @@ left() { echo $((budget - (SECONDS - start))); }
 
 { for t in g++ gcc ninja nvcc; do echo "$t: $(command -v "$t" || echo missing)"; done
   if [ -f /usr/include/libaio.h ]; then echo "/usr/include/libaio.h: present"; else echo "/usr/include/libaio.h: missing"; fi
+  "$py" -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); \
+print('Python.h (needed to build the ops):', h if os.path.exists(h) else 'missing')"
 } | tee "$out/tools.txt"
 
 if [ "$tiny" != 1 ] && ! "$py" -c "import deepspeed" 2>/dev/null; then
