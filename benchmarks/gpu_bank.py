@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--bankio-tiers", default="auto", help="tier plan of the bank-io row ('' = no bank-io row)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="profile each row after its timing (hmlm bench train --profile): tables in DIR")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: every row in seconds (tests)")
     ap.add_argument("--dry-run", action="store_true", help="print the rows, bank bytes per tier and estimates")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides")
@@ -224,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/gpu_bank.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta: dict[str, Any] = {
-        "shape": "tiny (CPU test)" if args.tiny else "160M anchor, memory (256,64,16,0), k=16",
+        "shape": "tiny (CPU test)" if args.tiny else (
+            f"{recipe.anchor.preset.upper()} anchor, memory ({','.join(map(str, recipe.memory.sizes))}), "
+            f"k={recipe.index.router.branching}"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "command": cmd, "seq_len": recipe.data.seq_len, "memory_dtype": recipe.memory.dtype,
@@ -270,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 got = attempt(prior, 0.0 if store is None else reserve,
                               lambda: measure_batches(r, vocab_size=vocab, store=store, steps=args.steps,
-                                                      warmup=args.warmup, device=device, batches=batches))
+                                                      warmup=args.warmup, device=device, batches=batches,
+                                                      profile=args.profile))
             finally:
                 if store is not None:  # the plan's level files: the next plan needs the disk space
                     shutil.rmtree(Path(r.memory.disk_dir), ignore_errors=True)

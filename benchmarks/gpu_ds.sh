@@ -69,11 +69,21 @@ run() {  # name, estimated seconds, hmlm bench scaling arguments...
 }
 
 n=$(echo "$devices" | tr ',' '\n' | wc -l)
-for s in ddp deepspeed_stage_1 deepspeed_stage_2; do
-  run "160m_$s" $((n * 30)) "${p160[@]}" --strategies "$s" --modes subtree --devices "$devices" "${steps[@]}"
+# HMLM_DS_ROWS: which rows, in that order (default: all, the 160M rows first); HMLM_PROFILE=1: rank 0 of each row
+# profiled after its timing (hmlm bench scaling --profile; tables in OUT_DIR/profile)
+prof=(); [ "${HMLM_PROFILE:-0}" = 1 ] && prof=(--profile "$out/profile")
+for row in $(echo "${HMLM_DS_ROWS:-160m_ddp,160m_deepspeed_stage_1,160m_deepspeed_stage_2,1.4b_deepspeed_stage_2}" \
+             | tr ',' ' '); do
+  case "$row" in
+    160m_*) s="${row#160m_}"
+            run "$row" $((n * 30)) "${p160[@]}" --strategies "$s" --modes subtree --devices "$devices" "${steps[@]}" \
+                "${prof[@]}" ;;
+    1.4b_deepspeed_stage_2)
+            run "$row" 150 "${p14b[@]}" --strategies deepspeed_stage_2 --modes subtree --devices "$all" \
+                "${steps14[@]}" "${prof[@]}" ;;
+    *) echo "gpu_ds.sh: unknown row $row in HMLM_DS_ROWS" >&2; exit 2 ;;
+  esac
 done
-run "1.4b_deepspeed_stage_2" 150 "${p14b[@]}" --strategies deepspeed_stage_2 --modes subtree --devices "$all" \
-    "${steps14[@]}"
 
 files=(); for n in "${names[@]}"; do files+=("$out/$n.json"); done
 "$py" - "$out" "${files[@]}" <<'EOF'

@@ -15,9 +15,13 @@
 #   part 3: ref_b8_memory          the reference's rows with per-sample memory given as tensors (a second compile)
 #           hmlm_160m_b8_docmask_compiled   packed documents (flex attention under compile), anchor alone
 #           hmlm_160m_b8_cudagraphs         trainer.compile_mode=reduce-overhead (CUDA graphs), anchor alone
+#   part 4: fit_overhead_b8        `hmlm bench fit-overhead`: fit's tokens/s against the bench's, 160M + memory on the
+#                                  device store, the bundled corpus indexed with the hashing embedder (not in "all")
 # All hmlm rows use batch x 2048 tokens, bf16 autocast, the paper's k=16 four-level tree and a bf16 bank, with
 # data.doc_mask=false (plain causal attention, as the reference) except the docmask row.
 #
+# HMLM_PROFILE=1 adds `--profile OUT_DIR/profile/<run>` to every hmlm row (hmlm.bench.profile: the step's regions,
+# the device's busy fraction and the top kernels, taken after the row's timing).
 # A deadline keeps the call inside its share of the GPU tool's limit: HMLM_GPU_BUDGET_S (default 300 s from the
 # start) bounds everything, the table included. A run whose minimum time no longer fits is skipped and listed in
 # OUT_DIR/skipped.txt; a run that is started gets the time left and keeps the rows it finished (each row is written
@@ -107,9 +111,18 @@ reference() {  # B STOP_AFTER: the reference at batch B, ended after row STOP_AF
 bench() {  # NAME [overrides and flags...]: hmlm bench train at the 160M shape unless overridden
   local name="$1"; shift
   CMD=("$py" -m hmlm.cli bench train "${shape[@]}" anchor.preset=160m "$@" "${steps[@]}" --out "$out/$name.json")
+  # HMLM_PROFILE=1: each row also profiled after its timing (torch.profiler tables in OUT_DIR/profile/NAME)
+  [ "${HMLM_PROFILE:-0}" = 1 ] && CMD+=(--profile "$out/profile/$name")
+  return 0
 }
 
-want() { [ "$part" = "$1" ] || [ "$part" = "all" ]; }
+fitover() {  # NAME [overrides...]: hmlm bench fit-overhead at the 160M shape, index built first (hashing embedder)
+  local name="$1"; shift
+  CMD=("$py" -m hmlm.cli bench fit-overhead "${shape[@]}" anchor.preset=160m index.embedder.name=hashing
+       "index.dir=$out/index" "$@" --steps 30 --warmup 5 --out "$out/$name.json")
+}
+
+want() { [ "$part" = "$1" ] || { [ "$part" = "all" ] && [ "$1" != 4 ]; } || [[ ",$part," == *",$1,"* ]]; }
 # the second number is the least time a run needs to give its first row (compilation included); started, it may use
 # all the time left (its later rows are kept only if they finish)
 if want 1; then
@@ -135,6 +148,11 @@ if want 3; then
     --stores "" --compile
   run hmlm_160m_b8_cudagraphs 100 bench hmlm_160m_b8_cudagraphs trainer.batch_size=8 \
     trainer.compile_mode=reduce-overhead --stores "" --compile
+fi
+if want 4; then
+  # `hmlm fit` (Lightning, the index's loader, logging, checkpoints) against the bench's step at the same shape: the
+  # bundled corpus indexed with the hashing embedder (no embedder weights on the GPU machine), memory on the device
+  run fit_overhead_b8 150 fitover fit_overhead_b8 trainer.batch_size=8 memory.store=device
 fi
 if [ "$dry" = 1 ]; then
   echo "python benchmarks/speed_table.py $out"

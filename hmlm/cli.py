@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "fetch size with the first --tiers plan (e.g. 2,4,8,16)")
     b.add_argument("--batches", default="", help="batch sizes to measure each configuration at, built once "
                    "(e.g. 4,8; default: trainer.batch_size); ratios are against the anchor at the same batch")
+    b.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after each row's timing, profile a few more steps (torch.profiler): DIR/<row>.txt has the "
+                        "step's regions (fetch, forward+loss, backward, clip, optimizers), the device's busy "
+                        "fraction and the top kernels; the row's JSON gets the summary")
     b = bench.add_parser("fit-overhead", help="tokens/s of `hmlm fit` (Lightning, data, logging, checkpoints) vs "
                                               "the bench's training step at the same shape")
     _recipe_args(b)
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after each row's timing, profile 3 more steps of rank 0 (torch.profiler): DIR/<row>.txt")
     b.add_argument("--dry-run", action="store_true",
                    help="print each world size's training plan and bank share; start no process")
     b = bench.add_parser("memory-types", help="train every memory type at equal fetched size, then evaluate all")
@@ -268,7 +274,7 @@ def _bench(args, recipe) -> int:
         rows = run_scaling(recipe, vocab_size=_vocab_for(recipe), worlds=[int(d) for d in args.devices.split(",")],
                            modes=[m for m in args.modes.split(",") if m], steps=args.steps, warmup=args.warmup,
                            strategies=tuple(x for x in args.strategies.split(",") if x), paths=args.paths,
-                           out=args.out)
+                           out=args.out, profile=args.profile)
         table = Table(title=f"data-parallel training step, {rows[0]['device']}, "
                             f"{rows[0]['batch_per_rank']} x {rows[0]['seq_len']} tokens per rank")
         cols = ("strategy", "mode", "world", "step_ms", "tokens_per_s", "scaling_efficiency", "anchor_bytes_per_step",
@@ -335,7 +341,7 @@ def _bench(args, recipe) -> int:
                      steps=args.steps, warmup=args.warmup, out=args.out, compile=args.compile,
                      tiers=[t for t in args.tiers.split(";") if t],
                      branchings=[int(k) for k in args.branching.split(",") if k],
-                     batches=[int(b) for b in args.batches.split(",") if b] or None)
+                     batches=[int(b) for b in args.batches.split(",") if b] or None, profile=args.profile)
     table = Table(title=f"training step, {rows[0]['device']}, sequences of {rows[0]['seq_len']} tokens")
     cols = ("config", "batch", "bank_params", "step_ms", "tokens_per_s", "mfu", "ratio_vs_anchor", "peak_mem_gib")
     for col in cols:

@@ -77,3 +77,53 @@ def test_state_sizes():
     assert half.m_bytes + half.v_bytes == 4 * half.numel
     # factored: bf16 m plus row and column statistics of each [16 x 8] / [8 x 16] matrix
     assert fac.m_bytes == 2 * fac.numel and fac.v_numel == 3 * 2 * (16 + 8)
+
+
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_fused_adamw_equals_the_float32_reference(state):
+    """The default updater (moments in their storage dtypes, one pass) against lazy_adamw on float32 copies rounded
+    into the same dtypes afterwards: equal up to float32 rounding, also with a clip scale and weight decay."""
+    from hmlm.bank.optim import fused_adamw
+
+    spec = FFNMemory().block_spec(SHAPE, 3, 2)
+    fmt = RowFormat(spec, torch.bfloat16, state)
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(6, fmt.numel, generator=g)
+    m = (torch.randn(6, fmt.numel, generator=g) * 0.1).to(fmt.m_dtype)
+    v = (torch.rand(6, fmt.numel, generator=g) * 0.01).to(fmt.v_dtype)
+    grad = torch.randn(6, fmt.numel, generator=g)
+    steps = torch.tensor([1, 2, 3, 7, 50, 1000])
+    hyper, scale = AdamHyper(1e-2, 0.9, 0.95, 1e-8, 0.1), torch.tensor(0.5)
+    ref = UpdateGroup(fmt, p.clone(), grad.clone(), m.clone().float(), v.clone().float(), steps)
+    lazy_adamw([ref], hyper, scale)
+    mine = UpdateGroup(fmt, p.clone(), grad.clone(), m.clone(), v.clone(), steps)
+    fused_adamw([mine], hyper, scale)
+    torch.testing.assert_close(mine.params, ref.params, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine.m, ref.m.to(fmt.m_dtype), rtol=1e-2 if state == "bf16" else 1e-5, atol=1e-7)
+    torch.testing.assert_close(mine.v, ref.v.to(fmt.v_dtype), rtol=1e-2 if state == "bf16" else 1e-5, atol=1e-8)
+    assert mine.m.dtype == fmt.m_dtype and mine.v.dtype == fmt.v_dtype and not torch.equal(mine.params, p)
+
+
+def test_row_adamw_compiles_to_one_graph_with_dynamic_rows():
+    """What CUDA runs: the row update under torch.compile(dynamic=True, fullgraph=True) -- traced here with the
+    aot_eager backend (no code generation on the CPU) -- equals the eager function at several row counts, with one
+    compilation for all of them."""
+    import torch._dynamo
+
+    from hmlm.bank.optim import _row_adamw_
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_row_adamw_, backend="aot_eager", dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    for u in (3, 5, 9):
+        p, grad = torch.randn(u, 40, generator=g), torch.randn(u, 40, generator=g)
+        m, v = torch.zeros(u, 40, dtype=torch.bfloat16), torch.zeros(u, 40, dtype=torch.bfloat16)
+        steps = torch.arange(1, u + 1)
+        args = (torch.tensor(1e-3), torch.tensor(1.0), 0.9, 0.95, 1e-8, 0.01)
+        a = [t.clone() for t in (p, grad, m, v)]
+        b = [t.clone() for t in (p, grad, m, v)]
+        _row_adamw_(*a, steps, *args)
+        compiled(*b, steps, *args)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

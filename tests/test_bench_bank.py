@@ -61,3 +61,22 @@ def test_inspect_reports_levels_and_plots_usage(tiny_model_dir, tmp_path, capsys
     assert levels["l0"]["updates_total"] >= 20 and levels["l2"]["blocks_updated"] > 0
     assert "docs" in levels["l0"] and "l2" in out
     assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_bench_train_profile_names_every_region(tmp_path, capsys):
+    """--profile: each row gets a table file and a summary whose regions are the shared TrainStep's, so a profile of
+    the bench is a profile of what fit runs; the timing itself is taken before the profiler starts."""
+    out, prof = tmp_path / "train.json", tmp_path / "prof"
+    code = main(["bench", "train", "--recipe", str(REPO / "recipes/quickstart.yaml"), *TINY, "--stores", "device",
+                 "--steps", "2", "--warmup", "1", "--out", str(out), "--profile", str(prof)])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())
+    assert [r["store"] for r in rows] == [None, "device"]
+    anchor, memory = (r["profile"] for r in rows)
+    assert set(anchor["regions"]) == {"hmlm.fetch", "hmlm.forward_loss", "hmlm.backward", "hmlm.clip", "hmlm.optim"}
+    assert set(memory["regions"]) == set(anchor["regions"]) | {"hmlm.bank_optim"}
+    assert memory["regions"]["hmlm.bank_optim"]["host_ms"] > 0
+    assert anchor["device_busy_fraction"] is None  # no CUDA device: no device time to claim
+    for r in rows:
+        text = (prof / r["profile"]["table"]).read_text()
+        assert text.startswith("profile of ") and "hmlm.backward" in text

@@ -39,7 +39,7 @@ def test_scaling_bench_on_two_cpu_processes(tiny_recipe, tmp_path):
     recipe = tiny_recipe(**{"index.router.branching": 2, "trainer.batch_size": 2, "data.seq_len": 16,
                             "trainer.subtree_level": 1})
     rows = run_scaling(recipe, vocab_size=128, worlds=[1, 2], modes=["subtree", "replicated"], steps=2, warmup=1,
-                       out=tmp_path / "rows.json")
+                       out=tmp_path / "rows.json", profile=tmp_path / "prof")
     by = {(r["mode"], r["world"]): r for r in rows}
     assert set(by) == {("subtree", 1), ("subtree", 2), ("replicated", 1), ("replicated", 2)}
     sub, rep = by[("subtree", 2)], by[("replicated", 2)]
@@ -50,6 +50,10 @@ def test_scaling_bench_on_two_cpu_processes(tiny_recipe, tmp_path):
     assert sub["bank_params_per_rank"] * 2 == sub["bank_params"] == rep["bank_params_per_rank"]
     assert sub["bank_bytes_per_rank"] == sub["bank_params_per_rank"] * 4
     assert (tmp_path / "rows.json").is_file()
+    # --profile: rank 0's table per row, taken while every rank steps (a rank left out would hang the collectives)
+    assert sorted(r["profile"]["table"] for r in rows) == sorted(
+        f"ddp_{m}_world{w}.txt" for m in ("subtree", "replicated") for w in (1, 2))
+    assert all((tmp_path / "prof" / r["profile"]["table"]).read_text().startswith("profile of ") for r in rows)
 
 
 def test_scaling_bench_shared_blocks_and_deepspeed(tiny_recipe, tmp_path):

@@ -108,6 +108,8 @@ def test_quickstart_recipe_through_cli(tmp_path, capsys):
     assert (out_dir / "checkpoints" / "last.ckpt").is_file()
     index = json.loads((out_dir / "index" / "index.json").read_text())
     assert index["embedder"]["name"] == "minilm" and index["counts"]["documents"] == 600
+    # the quickstart prints no third-party noise: no tqdm bar of transformers' weight loading, no warnings
+    assert "Loading weights" not in out + err and "Warning" not in out + err, err
 
 
 def test_corrupt_index_and_checkpoint_are_clear_errors(tiny_recipe, tmp_path, capsys):

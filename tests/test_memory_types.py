@@ -159,7 +159,7 @@ def test_lora_concatenation_is_sum_of_level_patches(kind):
         prefix = mem.prefixes[site]
         d_in = fetched[f"{prefix}_a"].shape[-2]
         x = torch.randn(paths.shape[0], 5, d_in, generator=torch.Generator().manual_seed(4))
-        out = mem.apply(site, 1, x, fetched)
+        out = mem.apply(site, 1, x, {n: t[:, 1] for n, t in fetched.items()})   # layer slot 1's tensors
         expect = torch.zeros_like(out)
         for i in range(paths.shape[0]):
             for lvl in range(LEVELS):
@@ -177,7 +177,7 @@ def test_kv_softmax_runs_over_all_slots_of_the_path():
     fetched = model.store.fetch(paths)
     H, dh = 2, 8
     q = torch.randn(2, H, 6, dh, generator=torch.Generator().manual_seed(6))
-    out = mem.apply("attn_kv", 2, q, fetched)
+    out = mem.apply("attn_kv", 2, q, {n: t[:, 2] for n, t in fetched.items()})
     for i in range(2):
         keys = torch.cat([model.store.tensors[f"l{l}"]["keys"][paths[i, l], 2] for l in range(LEVELS)])    # [6, H*dh]
         vals = torch.cat([model.store.tensors[f"l{l}"]["values"][paths[i, l], 2] for l in range(LEVELS)])

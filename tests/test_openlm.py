@@ -186,7 +186,7 @@ def test_memory_sites_shapes_inputs_and_effect() -> None:
         blk.attn.o_proj.register_forward_pre_hook(lambda mod, i: seen.__setitem__("o_in", i[0])),
         blk.ffn.w3.register_forward_pre_hook(lambda mod, i: seen.__setitem__("ffn_hidden", i[0])),
     ]
-    zero = m(ids, memory=MemoryContext(fake, {"scale": torch.zeros(B)}, layers))
+    zero = m(ids, memory=MemoryContext(fake, {"scale": torch.zeros(B, len(layers))}, layers))
     for h in hooks:
         h.remove()
     torch.testing.assert_close(zero, base, rtol=0, atol=0)
@@ -208,6 +208,6 @@ def test_memory_sites_shapes_inputs_and_effect() -> None:
     for site in MEMORY_SITES:
         one = FakeMemory(d, H * dh)
         one.sites = (site,)
-        out = m(ids, memory=MemoryContext(one, {"scale": torch.tensor([0.0, 0.5])}, layers))
+        out = m(ids, memory=MemoryContext(one, {"scale": torch.tensor([0.0, 0.5]).repeat(len(layers), 1).T}, layers))
         torch.testing.assert_close(out[0], base[0], rtol=1e-6, atol=1e-6)   # sample with zero delta unchanged
         assert not torch.allclose(out[1], base[1], atol=1e-4), site

@@ -42,7 +42,7 @@ from .levelfile import (HEADER, BankFileError, check_level_file, create_level_fi
                         read_meta, write_meta)
 from .levels import (DeviceLevel, FileStorage, Level, PipelinedLevel, RowBatch, TensorStorage, pack_records,
                      to_device)
-from .optim import AdamHyper, RowUpdater, UpdateGroup, lazy_adamw
+from .optim import AdamHyper, RowUpdater, UpdateGroup, fused_adamw
 from .rows import DTYPE_NAMES, RowFormat, checksums_via
 from .safefile import SafetensorsError, read_header, read_tensor, tensor_slice, write_streamed
 
@@ -136,7 +136,7 @@ class TieredStore:
 
         self.host_update = resolve_host_update(host_update, optim_state)
         self._host_adam = None   # cpu_adam.HostAdam, made at the first update of a host level
-        self.updater: RowUpdater = updater or lazy_adamw
+        self.updater: RowUpdater = updater or fused_adamw
         self.compute_device = torch.device("cpu")
         self.formats: dict[str, RowFormat] = {}
         self.node_counts: dict[str, int] = {}
@@ -492,6 +492,7 @@ class TieredStore:
         scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip > 0 else None
         dev = self.compute_device
         hyper = AdamHyper(lr, beta1, beta2, eps, weight_decay)
+        native = getattr(self.updater, "storage_dtypes", False)
         work = []
         for f in groups:
             level = self.levels[f.key]
@@ -510,8 +511,10 @@ class TieredStore:
             elif batch is None:
                 batch = level.fetch(f.rows, True)
             params = f.leaf.detach() if f.leaf is not None else batch.params.to(torch.float32, copy=True)
-            work.append((f, level, batch, UpdateGroup(level.fmt, params, f.gradient().float(), batch.m.float(),
-                                                      batch.v.float(), level.steps.index_select(0, rows_dev))))
+            # an updater that takes the moments in their storage dtypes rounds into them itself (no float32 copies)
+            m, v = (batch.m, batch.v) if native else (batch.m.float(), batch.v.float())
+            work.append((f, level, batch, UpdateGroup(level.fmt, params, f.gradient().float(), m, v,
+                                                      level.steps.index_select(0, rows_dev))))
         self.updater([w[3] for w in work], hyper, scale)
         for f, level, batch, g in work:
             if batch.params is None:

@@ -100,13 +100,16 @@ def anchor_training_bytes(anchor_params: int, shape, vocab: int, batch: int, seq
                           fetched_params: int) -> int:
     """A rough upper estimate of what the anchor's training step needs on the accelerator (bf16 autocast, eager).
 
-    Calibrated on the 160M anchor on an H100 (33.9 GiB peak at 8 x 2048): weights, gradients and AdamW state at 16
-    bytes per parameter; ~70 bytes per token per layer and model width of activations; ~16 bytes per token per
-    vocabulary entry for the logits and their gradient; the fetched memory per sample in fp32 (value, gradient and the
-    per-sample copies, x3). Set memory.device_budget_gb when this is off for your model.
+    Fitted to the anchor-alone peaks of `hmlm bench train` on an H100 (2026-11-26, eager): 160M at 8 and 16 x 2048
+    19.8 / 36.6 GiB, 410M at 8 x 2048 25.3 GiB: weights, gradients and AdamW state at 16 bytes per parameter; ~20
+    bytes per token per layer and model width of activations (24 here, for head-room); ~16 bytes per token per
+    vocabulary entry for the head's chunked loss; the fetched memory per sample in fp32 (value, gradient and the
+    per-sample copies, x3). The first calibration (70 bytes, at 33.9 GiB for 160M before the fused kernels) made
+    `auto` put the whole 12.7B bank of the 410M configuration on the host. Set memory.device_budget_gb when this is
+    off for your model.
     """
     tokens = batch * seq_len
-    return int(16 * anchor_params + tokens * (70 * shape.n_layers * shape.d_model + 16 * vocab)
+    return int(16 * anchor_params + tokens * (24 * shape.n_layers * shape.d_model + 16 * vocab)
                + 12 * batch * fetched_params)
 
 

@@ -74,7 +74,7 @@ def _anchor_engine(anchor: torch.nn.Module, opt: torch.optim.Optimizer, recipe: 
 
 
 def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, strategy: str, paths: np.ndarray,
-            tokens: np.ndarray, steps: int, warmup: int, port: int, out: str) -> None:
+            tokens: np.ndarray, steps: int, warmup: int, port: int, out: str, profile: str | None = None) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ..model import MemoryLM, build_anchor, build_layout, build_store
@@ -162,6 +162,20 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, str
         torch.cuda.synchronize(device)
     dist.barrier()
     seconds = time.perf_counter() - t0
+    # the traffic of the timed steps (the profiled steps below must not add to it)
+    anchor_bytes = counter.anchor_bytes
+    timed_bank_bytes = bank_bytes + (sync.counter.shared_bytes if sync is not None else 0)
+    prof = None
+    if profile is not None:  # after the timing; every rank steps (the collectives need them), rank 0 is profiled
+        if rank == 0:
+            from .profile import profile_steps
+
+            prof = profile_steps(lambda i: step(), steps=3, device=device, out_dir=Path(profile),
+                                 name=f"{strategy}_{mode}_world{world}")
+        else:
+            for _ in range(3):
+                step()
+        dist.barrier()
     held = store.held_params()
     if rank == 0:
         Path(out).write_text(json.dumps({
@@ -170,13 +184,14 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, str
             "batch_per_rank": b, "seq_len": t, "steps": steps, "step_ms": round(1000 * seconds / steps, 2),
             "tokens_per_s": round(steps * b * t * world / seconds, 1),
             # DDP: measured by the comm hook; DeepSpeed reduces inside its engine (not counted: null)
-            "anchor_bytes_per_step": None if deepspeed else counter.anchor_bytes // steps,
+            "anchor_bytes_per_step": None if deepspeed else anchor_bytes // steps,
             "anchor_grad_bytes": sum(p.numel() * 4 for p in anchor.parameters()),
-            "bank_bytes_per_step": bank_bytes // steps + (sync.counter.shared_bytes // steps if sync else 0),
+            "bank_bytes_per_step": timed_bank_bytes // steps,
             "bank_params": layout.bank_params(), "bank_params_per_rank": held,
             "bank_bytes_per_rank": held * torch.finfo(store.dtype).bits // 8,
             "plan_level": plan.level, "plan_imbalance": round(plan.imbalance, 4),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
+            **({"profile": prof} if prof is not None else {}),
         }))
     dist.destroy_process_group()
 
@@ -219,7 +234,10 @@ def plan_rows(recipe: Recipe, *, worlds: list[int], paths: str = "uniform") -> l
 
 def run_scaling(recipe: Recipe, *, vocab_size: int, worlds: list[int], modes: list[str], steps: int,
                 warmup: int, strategies: tuple[str, ...] = ("ddp",), paths: str = "uniform",
-                out: Path | None = None) -> list[dict[str, Any]]:
+                out: Path | None = None, profile: Path | None = None) -> list[dict[str, Any]]:
+    """Tokens/s per world size, strategy and mode, one spawned group of processes per row. `profile`: rank 0's
+    torch.profiler table of 3 more steps per row (hmlm.bench.profile; collective kernels and the device's busy
+    fraction show where a world size loses time)."""
     import torch.multiprocessing as mp
 
     for strategy in strategies:
@@ -240,7 +258,8 @@ def run_scaling(recipe: Recipe, *, vocab_size: int, worlds: list[int], modes: li
                 with tempfile.TemporaryDirectory() as tmp:
                     result = Path(tmp) / "row.json"
                     mp.spawn(_worker, args=(world, to_dict(recipe), vocab_size, mode, strategy, seq_paths, seq_tokens,
-                                            steps, warmup, _free_port(), str(result)), nprocs=world, join=True)
+                                            steps, warmup, _free_port(), str(result),
+                                            None if profile is None else str(profile)), nprocs=world, join=True)
                     group.append({**json.loads(result.read_text()), "paths": paths})
             base = min(group, key=lambda r: r["world"])
             for r in group:

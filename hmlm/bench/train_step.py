@@ -25,6 +25,8 @@ from ..model import MemoryLM, build_anchor, build_layout, build_store
 from ..train.step import BankOptimizer, PlainEngine, TrainStep, build_anchor_optimizer
 from ..utils import write_json
 
+# steps run under torch.profiler per row with --profile (after the timed steps)
+PROFILE_STEPS = 3
 # dense bf16 peak (TFLOP/s) by device name; used for MFU
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -127,7 +129,7 @@ class _Trainer:
 
 
 def _timed_steps(trainer: _Trainer, recipe: Recipe, *, vocab_size: int, batch_size: int, steps: int, warmup: int,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, profile: Path | None = None, profile_name: str = "") -> dict[str, Any]:
     b, t = batch_size, recipe.data.seq_len
     shape = replace(recipe, trainer=replace(recipe.trainer, batch_size=b))
     data = synthetic_batches(shape, vocab_size, device, recipe.seed)
@@ -149,6 +151,13 @@ def _timed_steps(trainer: _Trainer, recipe: Recipe, *, vocab_size: int, batch_si
     tps = steps * b * t / seconds
     peak = peak_flops(device)
     fpt = flops_per_token(trainer.model, t)
+    extra: dict[str, Any] = {}
+    if profile is not None:  # after the timing, so the profiler's own overhead never reaches tokens_per_s
+        from .profile import profile_steps
+
+        first = warmup + steps
+        extra["profile"] = profile_steps(lambda i: trainer.step(next(data), first + i, device), steps=PROFILE_STEPS,
+                                         device=device, out_dir=profile, name=f"{profile_name}_b{b}")
     return {
         "batch": b, "seq_len": t, "steps": steps,
         "step_ms": round(1000 * seconds / steps, 2),
@@ -158,6 +167,7 @@ def _timed_steps(trainer: _Trainer, recipe: Recipe, *, vocab_size: int, batch_si
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
         "host_rss_gib": round(_rss_bytes() / 2 ** 30, 2),
         "final_loss": round(final_loss, 4),
+        **extra,
     }
 
 
@@ -174,13 +184,15 @@ def _free_after_oom(device: torch.device) -> None:
 
 
 def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps: int, warmup: int,
-                    device: torch.device, compile: bool = False, batches: list[int] | None = None
-                    ) -> list[dict[str, Any]]:
+                    device: torch.device, compile: bool = False, batches: list[int] | None = None,
+                    profile: Path | None = None) -> list[dict[str, Any]]:
     """Tokens/s of one configuration at each batch size, the model and bank built once; store=None measures the
     anchor alone. A batch size (or the build) that runs out of accelerator memory becomes a row with an `error`
     and the other rows still run."""
     recipe = bench_recipe(recipe, store)
     sizes = list(batches or [recipe.trainer.batch_size])
+    # the tier plan (memory.tiers: auto) leaves room for the largest batch measured, not the recipe's
+    recipe = replace(recipe, trainer=replace(recipe.trainer, batch_size=max(sizes)))
     common = {"store": store, "optim_state": recipe.memory.optim_state if store is not None else None,
               "branching": recipe.index.router.branching, "seq_len": recipe.data.seq_len,
               "doc_mask": recipe.data.doc_mask, "compile_mode": recipe.trainer.compile_mode if compile else None}
@@ -216,7 +228,8 @@ def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps
     for b in sizes:
         try:
             rows.append({**common, **_timed_steps(trainer, recipe, vocab_size=vocab_size, batch_size=b,
-                                                  steps=steps, warmup=warmup, device=device)})
+                                                  steps=steps, warmup=warmup, device=device, profile=profile,
+                                                  profile_name=common["config"])})
             message = None
         except torch.cuda.OutOfMemoryError as exc:
             message = _oom_message(exc)
@@ -274,13 +287,13 @@ def tiered(recipe: Recipe, spec: str) -> Recipe:
 
 
 def tier_rows(recipe: Recipe, *, vocab_size: int, tiers: list[str], branchings: list[int], steps: int, warmup: int,
-              device: torch.device, compile: bool = False,
-              batches: list[int] | None = None) -> Iterator[list[dict[str, Any]]]:
+              device: torch.device, compile: bool = False, batches: list[int] | None = None,
+              profile: Path | None = None) -> Iterator[list[dict[str, Any]]]:
     """Memory rows of the tiered store, one configuration's rows at a time: one per tier plan (`auto`, `host`,
     `device,device,host`, ...) at the recipe's branching, then a bank-size sweep (same fetch size, bank grown by the
     branching k) with the first plan."""
     kw = dict(vocab_size=vocab_size, store="tiered", steps=steps, warmup=warmup, device=device, compile=compile,
-              batches=batches)
+              batches=batches, profile=profile)
     for spec in tiers:
         yield measure_batches(tiered(recipe, spec), **kw)
     for k in branchings:
@@ -301,13 +314,14 @@ def add_ratios(rows: list[dict[str, Any]], device: torch.device) -> None:
 def run_bench(recipe: Recipe, *, vocab_size: int, stores: list[str], steps: int, warmup: int,
               out: Path | None = None, compile: bool = False, tiers: list[str] | None = None,
               branchings: list[int] | None = None, anchor: bool = True,
-              batches: list[int] | None = None) -> list[dict[str, Any]]:
+              batches: list[int] | None = None, profile: Path | None = None) -> list[dict[str, Any]]:
     """The anchor alone (the baseline of `ratio_vs_anchor`), then memory on each store, then the tiered store's
     plans. `out` is rewritten after every configuration, so a run cut short (a deadline, a crash) keeps what it
-    measured."""
+    measured. `profile`: a folder for each row's torch.profiler table (hmlm.bench.profile), taken after its timing."""
     device = bench_device()
     torch.backends.cuda.matmul.allow_tf32 = True
-    kw = dict(vocab_size=vocab_size, steps=steps, warmup=warmup, device=device, compile=compile, batches=batches)
+    kw = dict(vocab_size=vocab_size, steps=steps, warmup=warmup, device=device, compile=compile, batches=batches,
+              profile=profile)
 
     def groups() -> Iterator[list[dict[str, Any]]]:
         for store in ([None] if anchor else []) + list(stores):

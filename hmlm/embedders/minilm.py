@@ -82,7 +82,8 @@ class MiniLMEmbedder:
         from transformers import AutoModel, AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        with _no_transformers_progress():
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
         self._model = model.float().to(self.device).eval()
 
     def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
@@ -136,6 +137,21 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return "bfloat16" if native else "float32"
+
+
+@contextmanager
+def _no_transformers_progress() -> Iterator[None]:
+    """Without transformers' own "Loading weights" tqdm bar: loading a 22M-parameter model takes well under a second,
+    and the bar would be the only tqdm line in `hmlm index`'s otherwise rich output. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager

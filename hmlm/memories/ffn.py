@@ -37,7 +37,7 @@ class FFNMemory:
 
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # x [B, T, d]; per-sample weights [B, d, R] -> batched matmuls, one per tensor, no loop over samples
-        w1, w2, w3 = fetched["w1"][:, slot], fetched["w2"][:, slot], fetched["w3"][:, slot]
+        w1, w2, w3 = fetched["w1"], fetched["w2"], fetched["w3"]
         h = F.silu(torch.matmul(x, w1.to(x.dtype))) * torch.matmul(x, w2.to(x.dtype))
         return torch.matmul(h, w3.to(x.dtype))
 

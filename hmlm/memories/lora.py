@@ -67,8 +67,8 @@ class LoRAMemory:
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # x [B, T, d_in]; per-sample A [B, d_in, R], B [B, R, d_out] -> two batched matmuls, no loop over samples
         prefix = self.prefixes[site]
-        a = fetched[f"{prefix}_a"][:, slot].to(x.dtype)
-        b = fetched[f"{prefix}_b"][:, slot].to(x.dtype)
+        a = fetched[f"{prefix}_a"].to(x.dtype)
+        b = fetched[f"{prefix}_b"].to(x.dtype)
         return torch.matmul(torch.matmul(x, a), b) * self.alpha
 
 

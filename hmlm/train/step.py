@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from ..config import COMPILE_MODES
 from ..loss import lm_nll, token_weights
@@ -77,10 +78,11 @@ class BankOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure()
         cfg, store, sync = self._cfg, self._store, self._sync()
-        norm = sync.reduce(store, global_norm=cfg.grad_clip > 0) if sync is not None else None
-        self.last_stats = store.step(lr=self.param_groups[0]["lr"], weight_decay=cfg.weight_decay,
-                                     beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip,
-                                     grad_norm=norm)
+        with record_function("hmlm.bank_optim"):
+            norm = sync.reduce(store, global_norm=cfg.grad_clip > 0) if sync is not None else None
+            self.last_stats = store.step(lr=self.param_groups[0]["lr"], weight_decay=cfg.weight_decay,
+                                         beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip,
+                                         grad_norm=norm)
 
 
 def anchor_param_groups(anchor: torch.nn.Module, cfg: "OptimConfig") -> list[dict[str, Any]]:
@@ -167,10 +169,12 @@ class TrainStep:
              groups: int = 1) -> torch.Tensor:
         """Forward and loss of one training batch (the mean NLL; `groups` > 1: the mean of that many ranks' means)."""
         ids, labels = batch["input_ids"], batch["labels"]
-        ctx = self.model.memory_context(batch["path"], "fetched" if self.train_memory else "none",
-                                        generic_mask=self.generic_mask(step, ids.shape[0], rank, world),
-                                        grad=self.train_memory)
-        return self._nll(ids, labels, token_weights(labels, groups), ctx, self.doc_ids(batch))
+        with record_function("hmlm.fetch"):
+            ctx = self.model.memory_context(batch["path"], "fetched" if self.train_memory else "none",
+                                            generic_mask=self.generic_mask(step, ids.shape[0], rank, world),
+                                            grad=self.train_memory)
+        with record_function("hmlm.forward_loss"):
+            return self._nll(ids, labels, token_weights(labels, groups), ctx, self.doc_ids(batch))
 
     # ---------------------------------------------------------------- the step
     def __call__(self, batch: dict[str, torch.Tensor], *, step: int, anchor_opt: Any, bank_opt: Any,
@@ -181,7 +185,8 @@ class TrainStep:
         if anchor_opt is not None:
             anchor_opt.zero_grad(set_to_none=True)
         loss = self.loss(batch, step=step, rank=rank, world=world, groups=groups)
-        engine.backward(loss)
+        with record_function("hmlm.backward"):
+            engine.backward(loss)
         if engine.drop_update():
             # no optimizer may see this batch: the anchor's gradients are cleared by the next step's zero_grad, the
             # bank's fetched blocks and their gradients are released here
@@ -190,6 +195,10 @@ class TrainStep:
             return None
         clip = self.recipe.optim.anchor.grad_clip
         if anchor_opt is not None and clip > 0:
-            engine.clip(anchor_opt, clip)
-        engine.step([opt for opt in (anchor_opt, bank_opt) if opt is not None])
+            with record_function("hmlm.clip"):
+                engine.clip(anchor_opt, clip)
+        # one engine call for all optimizers: under Lightning it advances global_step once per batch; the bank's
+        # lazy AdamW has its own region inside (hmlm.bank_optim)
+        with record_function("hmlm.optim"):
+            engine.step([opt for opt in (anchor_opt, bank_opt) if opt is not None])
         return loss.detach()

@@ -42,4 +42,5 @@ def test_product_key_read_is_the_exact_top_k_of_all_products():
         scores = (x[0, :, None, :4] * k1[h][None]).sum(-1)[:, :, None] + (x[0, :, None, 4:] * k2[h][None]).sum(-1)[:, None]
         best, idx = scores.flatten(1).topk(3, dim=-1)
         want += (torch.softmax(best, -1)[..., None] * vals[h][idx]).sum(1)
-    torch.testing.assert_close(mem.apply("ffn", 0, x, fetched)[0], want, rtol=1e-5, atol=1e-5)
+    slot0 = {k: t[:, 0] for k, t in fetched.items()}   # apply gets one layer slot's tensors (plugin API 2)
+    torch.testing.assert_close(mem.apply("ffn", 0, x, slot0)[0], want, rtol=1e-5, atol=1e-5)
