@@ -2,7 +2,8 @@
 
 Rows, in this order (the most telling first, so a budget that runs out drops the least):
   1. the anchor alone at each batch size (the baseline of every ratio, measured in this run);
-  2. anchor + memory for each tier plan (`--plans`, ';'-separated `TIERS[@OPTIM_STATE]`): the model and bank are built
+  2. anchor + memory for each tier plan (`--plans`, ';'-separated `TIERS[@OPTIM_STATE][+KEY=VALUE...]`, TIERS `zero3`
+     for the DeepSpeed ZeRO-3 baseline store; benchmarks/gpu_bank_ds.sh uses the overrides): the model and bank are built
      once per plan and timed at each batch size (`hmlm.bench.train_step.measure_batches`);
   3. `hmlm bench bank-io` of the bank with `--bankio-tiers` (init, export, load, checkpoint save and load).
 
@@ -44,16 +45,42 @@ TINY = ["anchor.options.preset=tiny", "anchor.options.n_layers=2", "anchor.optio
 PLANS = "device@bf16;device,device,host;host;disk@bf16;device@fp32"
 # seconds a row needs on a warm H100 (model build, bank fill, warm-up and timed steps at both batch sizes); the
 # driver rescales them by how the finished rows compared with their priors
-PRIOR_S = {"anchor": 10.0, "device": 20.0, "host": 35.0, "disk": 60.0, "bank-io": 50.0}
+PRIOR_S = {"anchor": 10.0, "device": 20.0, "host": 35.0, "disk": 60.0, "bank-io": 50.0, "zero3": 120.0}
 
 
 class BudgetSpent(BaseException):
     """Raised by SIGALRM inside a row when the wall-time budget ends (BaseException: no `except Exception` eats it)."""
 
 
-def parse_plan(spec: str) -> tuple[str, str | None]:
-    tiers, _, state = spec.partition("@")
-    return tiers, state or None
+def parse_plan(spec: str) -> tuple[str, str | None, list[str]]:
+    """`TIERS[@OPTIM_STATE][+KEY=VALUE...]` -> (tiers, optimizer state, recipe overrides of this plan only), e.g.
+    `disk@bf16+memory.disk_io=aio`; TIERS `zero3` is the zero3 store (the bank under DeepSpeed ZeRO-3)."""
+    head, *extra = spec.split("+")
+    tiers, _, state = head.partition("@")
+    return tiers, state or None, extra
+
+
+def plan_recipe(base: list[str], spec: str, levels: int, disk: Path | None = None):
+    """(label, store, recipe, prior seconds) of one plan; `base` are the run's recipe overrides."""
+    from dataclasses import replace
+
+    from hmlm.bench.train_step import tiered
+    from hmlm.config import load_recipe
+
+    tiers, optim, extra = parse_plan(spec)
+    recipe = load_recipe(RECIPE, base + extra)
+    if tiers == "zero3":
+        r, store, prior = replace(recipe, memory=replace(recipe.memory, store="zero3")), "zero3", PRIOR_S["zero3"]
+    else:
+        r, store = tiered(recipe, tiers), "tiered"
+        prior = (max(PRIOR_S.get(t, PRIOR_S["disk"]) for t in plan_tiers_of(tiers, levels)) if tiers != "auto"
+                 else PRIOR_S["host"])
+    memory = replace(r.memory, optim_state=optim or r.memory.optim_state)
+    if disk is not None:
+        memory = replace(memory, disk_dir=str(disk / spec.replace(",", "-").replace("@", "-").replace("+", "-")
+                                              .replace("=", "-")))
+    label = f"anchor + memory, tiers {tiers}" + "".join(f" {o}" for o in extra)
+    return label, store, replace(r, memory=memory), prior
 
 
 def plan_tiers_of(tiers: str, levels: int) -> list[str]:
@@ -95,6 +122,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], io_rows: list[dic
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         note = r.get("error") or r.get("skipped")
+        ops = ", ".join(f"{k}={r[k]}" for k in ("disk_io", "host_update") if r.get(k))
+        r = {**r, "config": r["config"] + (f" [{ops}]" if ops else "")}
         tiers = ", ".join(f"{t} {(v['param_bytes'] + v['state_bytes']) / 1e9:.1f} GB"
                           for t, v in sorted((r.get("bank_bytes_by_tier") or {}).items()))
         if note:
@@ -130,23 +159,19 @@ def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], io_rows: 
         tmp.write_text(markdown(meta, rows, io_rows), encoding="utf-8")
 
 
-def dry_run(recipe, plans: list[str], batches: list[int], vocab: int, budget: Budget) -> None:
-    from dataclasses import replace
-
-    from hmlm.bench.train_step import tiered
+def dry_run(recipe, base: list[str], plans: list[str], batches: list[int], vocab: int, budget: Budget) -> None:
     from hmlm.model import size_report
 
     print(f"budget {budget.seconds:.0f} s; batches {batches}; seq_len {recipe.data.seq_len}")
     print(f"row anchor alone: ~{budget.estimate(PRIOR_S['anchor']):.0f} s")
+    levels = sum(1 for s in recipe.memory.sizes if s)
     for spec in plans:
-        tiers, optim = parse_plan(spec)
-        r = tiered(recipe, tiers)
-        r = replace(r, memory=replace(r.memory, optim_state=optim or r.memory.optim_state))
+        _, _, r, _ = plan_recipe(base, spec, levels)
         rep = size_report(r, vocab)
         by_tier: dict[str, float] = {}
         for lvl in rep["bank_levels"]:
             by_tier[lvl["tier"]] = by_tier.get(lvl["tier"], 0) + (lvl["bytes"] + lvl["state_bytes"]) / 1e9
-        prior = max(PRIOR_S[t] for t in by_tier)
+        prior = max(PRIOR_S.get(t, PRIOR_S["zero3"]) for t in by_tier)
         print(f"row {spec}: bank {rep['bank_params']:,} parameters, fetched {rep['fetched_params_per_sequence']:,}; "
               + ", ".join(f"{t} {gb:.1f} GB" for t, gb in by_tier.items())
               + f" (values + {r.memory.optim_state} moments); ~{budget.estimate(prior):.0f} s")
@@ -160,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-dir", type=Path, default=None,
                     help="disk-tier level files and bank-io scratch, removed after each row (default: a folder in "
                          "$TMPDIR; keep it off OUT, whose files are copied back)")
-    ap.add_argument("--plans", default=PLANS, help="';'-separated tier plans TIERS[@OPTIM_STATE]")
+    ap.add_argument("--plans", default=PLANS, help="';'-separated tier plans TIERS[@OPTIM_STATE][+KEY=VALUE...] "
+                    "(TIERS zero3: the bank under DeepSpeed ZeRO-3)")
     ap.add_argument("--batches", default="8,4")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
@@ -176,23 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dataclasses import replace
-
     import torch
 
     from hmlm.bench.bank_io import measure_bank_io
-    from hmlm.bench.train_step import add_ratios, measure_batches, tiered
+    from hmlm.bench.train_step import add_ratios, measure_batches
     from hmlm.config import load_recipe
     from hmlm.index import vocab_size_for
 
     shape = TINY if args.tiny else PAPER
-    recipe = load_recipe(RECIPE, shape + list(args.overrides))
+    base = shape + list(args.overrides)
+    recipe = load_recipe(RECIPE, base)
     vocab = vocab_size_for(recipe)
     plans = [p for p in args.plans.split(";") if p]
     batches = [int(b) for b in args.batches.split(",") if b]
     budget = Budget(args.budget_s, 0.01 if args.tiny else 1.0, start)
     if args.dry_run:
-        dry_run(recipe, plans, batches, vocab, budget)
+        dry_run(recipe, base, plans, batches, vocab, budget)
         return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -216,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     # (label, store, recipe, prior) per group of rows; the anchor's baseline first
     groups: list[tuple[str, str | None, Any, float]] = [("anchor alone", None, recipe, PRIOR_S["anchor"])]
     for spec in plans:
-        tiers, optim = parse_plan(spec)
-        r = tiered(recipe, tiers)
-        r = replace(r, memory=replace(r.memory, optim_state=optim or r.memory.optim_state,
-                                      disk_dir=str(disk / spec.replace(",", "-").replace("@", "-"))))
-        prior = (max(PRIOR_S.get(t, PRIOR_S["disk"]) for t in plan_tiers_of(tiers, levels)) if tiers != "auto"
-                 else PRIOR_S["host"])
-        groups.append((f"anchor + memory, tiers {tiers}", "tiered", r, prior))
+        groups.append(plan_recipe(base, spec, levels, disk))
     state = {"stopped": False}
 
     def not_run(why: str) -> dict[str, Any]:

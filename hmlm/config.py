@@ -116,6 +116,15 @@ class MemoryConfig:
     host_budget_gb: Optional[float] = None    # host RAM the bank may use (None = 80% of MemAvailable)
     disk_dir: str = "${out_dir}/bank"         # the disk tier's level files and their copy-on-write undo logs
     io_threads: int = 8          # threads of the disk tier's block I/O and of bank initialisation/export
+    # how the disk tier reads and writes rows (hmlm/bank/aio.py): aio = DeepSpeed's async I/O op (libaio, O_DIRECT;
+    # built on first use, an error where it cannot be); threads = os.preadv/pwritev from a thread pool; auto = aio
+    # where the op builds, else threads with the reason said once in the log
+    disk_io: str = "auto"
+    # where host-tier rows are updated (hmlm/bank/cpu_adam.py): gpu = staged to the compute device with their moments
+    # and updated by the lazy AdamW there; cpu_adam = only the gradients travel, the rows and moments are updated in
+    # place in host RAM by DeepSpeed's CPU Adam kernel (fp32 / bf16 moments; not factored); auto = gpu, the faster
+    # one measured so far (docs/benchmarks.md)
+    host_update: str = "auto"
     cache_mb: float = 0.0        # inference: an LRU of fetched host/disk blocks kept on the device (0 = off)
 
 
@@ -423,6 +432,13 @@ def validate(r: Recipe, source: str) -> None:
         value = getattr(r.memory, key)
         if value is not None and value < 0:
             bad(f"memory.{key}", f"must be >= 0 (or null = measured), got {value}")
+    if r.memory.disk_io not in ("auto", "aio", "threads"):
+        bad("memory.disk_io", f"got {r.memory.disk_io!r}, expected auto, aio (DeepSpeed async I/O) or threads")
+    if r.memory.host_update not in ("auto", "gpu", "cpu_adam"):
+        bad("memory.host_update", f"got {r.memory.host_update!r}, expected auto, gpu or cpu_adam (DeepSpeed CPU Adam)")
+    if r.memory.host_update == "cpu_adam" and r.memory.optim_state == "factored":
+        bad("memory.host_update", "cpu_adam keeps full AdamW moments (DeepSpeed's CPU Adam kernel); "
+                                  "memory.optim_state=factored needs memory.host_update=gpu (or use fp32 / bf16)")
     if r.memory.io_threads < 1:
         bad("memory.io_threads", f"must be >= 1, got {r.memory.io_threads}")
     if r.memory.cache_mb < 0:

@@ -1,7 +1,8 @@
 """Block I/O of the disk tier: fixed-size records of one file, read and written by row number.
 
 `BlockIO` is the small interface the tier logic uses; a faster backend (e.g. DeepSpeed's async I/O op) plugs in by
-implementing it and being passed to the store (`TieredStore(..., io_factory=...)`):
+implementing it and being passed to the store (`TieredStore(..., io_factory=...)`); `memory.disk_io` picks between this
+module's thread pool and DeepSpeed's async I/O (hmlm/bank/aio.py):
 
     read_rows(rows, out, nbytes)    out[i, :nbytes] = the first nbytes of record rows[i]     (out: [U, >= span] uint8)
     write_rows(rows, src, nbytes)   record rows[i] = src[i, :nbytes]
@@ -65,6 +66,8 @@ BlockIOFactory = Callable[..., BlockIO]
 
 class ThreadPoolBlockIO:
     """Records of `stride` bytes starting at byte `base` of `path`, through os.preadv/pwritev in a thread pool."""
+
+    backend = "threads"
 
     def __init__(self, path: str | Path, *, base: int, stride: int, writable: bool = True, threads: int = 8,
                  direct: bool = True):

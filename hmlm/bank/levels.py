@@ -533,7 +533,7 @@ class PipelinedLevel(Level):
             f.result()
         self.pending = []
 
-    def fetch(self, rows: torch.Tensor, with_state: bool) -> RowBatch:
+    def fetch(self, rows: torch.Tensor, with_state: bool, training: bool | None = None) -> RowBatch:
         r = rows.numpy()
         n = len(r)
         sources: list[tuple[object, list[int], list[int]]] = []   # (source, dst positions, src positions)
@@ -586,8 +586,10 @@ class PipelinedLevel(Level):
             for o, s in zip(out.tensors(), src.batch.tensors()):
                 o.index_copy_(0, d, s.index_select(0, p))
         # a training fetch consumes the stage tasks up to the newest one it used (the loader announces batches in
-        # order); an inference fetch (no state) leaves them for the training step they were announced for
-        used = [src for src, _, _ in sources if any(src is t for t in self.tasks)] if with_state else []
+        # order); an inference fetch leaves them for the training step they were announced for. A training fetch is
+        # one with state, or one told so (host rows updated by the CPU Adam travel without their state)
+        training = with_state if training is None else training
+        used = [src for src, _, _ in sources if any(src is t for t in self.tasks)] if training else []
         if used:
             last = max(i for i, t in enumerate(self.tasks) if any(t is u for u in used))
             for _ in range(last + 1):
@@ -608,6 +610,39 @@ class PipelinedLevel(Level):
                               {int(x): i for i, x in enumerate(r.tolist())}, batch=batch)
         self.pending = [f for f in self.pending if not f.done()]
         self.pending.append(self.worker.submit(self._write_back, rows.clone(), batch, mask, ready))
+
+    def update_on_host(self, rows: torch.Tensor, grad: torch.Tensor, steps: torch.Tensor, hyper: object,
+                       adam: object) -> None:
+        """memory.host_update=cpu_adam: queue the in-place update of rows in host RAM behind this level's earlier
+        tasks. The gradient and step counts (device tensors, clip factor applied) come to pinned memory on the side
+        stream, then `adam` (cpu_adam.HostAdam) updates the rows and their moments. The versions move now, like a
+        write-back's, so no stage task queued earlier serves the old values and a synchronous read waits for it."""
+        r = rows.numpy().copy()
+        self.version[r] += 1
+        fresh = ~self.state_rows[rows]
+        self.state_rows[rows] = True
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.compute_device))
+        self.pending = [f for f in self.pending if not f.done()]
+        self.pending.append(self.worker.submit(self._host_update, rows.clone(), grad, steps, fresh, hyper, adam,
+                                               ready))
+
+    def _host_update(self, rows: torch.Tensor, grad: torch.Tensor, steps: torch.Tensor, fresh: torch.Tensor,
+                     hyper: object, adam: object, ready: object) -> None:
+        if self.cuda:
+            with torch.cuda.device(self.compute_device), torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (grad, steps)]
+                for dst, src in zip(host, (grad, steps)):
+                    dst.copy_(src, non_blocking=True)
+                    src.record_stream(self.stream)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            done.synchronize()
+            grad, steps = host
+        adam.update_rows(self.storage, rows, grad, steps.cpu(), fresh, hyper)
 
     def invalidate(self) -> None:
         """Forget staged and recent rows (after a bulk write, a restore or a restriction)."""

@@ -12,8 +12,9 @@ Optimizer state kinds (`memory.optim_state`):
               ~2 bytes per parameter. 1-D tensors keep a full v.
 How far each drifts from fp32 AdamW on a small problem is asserted in tests/test_bank_optim.py (docs/design.md §6).
 
-`RowUpdater` is the seam for other kernels (a CPU Adam updating host-resident rows in place): the store hands it the
-groups of one step and the clip scale. `lazy_adamw` is the float32 reference: every group's rows in float32, a dozen
+`RowUpdater` is the seam for other kernels on the compute device: the store hands it the groups of one step and the
+clip scale (host-tier rows can instead be updated in place in host RAM by DeepSpeed's CPU Adam:
+`memory.host_update: cpu_adam`, cpu_adam.py). `lazy_adamw` is the float32 reference: every group's rows in float32, a dozen
 `_foreach` passes over them. `fused_adamw` is the default: it takes the moments in their storage dtypes (the updater
 marks this with `storage_dtypes = True`) and updates each dense group in one pass -- on CUDA one kernel from
 torch.compile that reads values, gradient and moments once and writes them once, instead of ~20 full passes in

@@ -121,7 +121,7 @@ class TieredStore:
                  seed: int = 0, init: bool = True, tiers: Sequence[str] | None = None, optim_state: str = "fp32",
                  disk_dir: str | Path | None = None, io_threads: int = 8, cache_mb: float = 0.0,
                  io_factory: BlockIOFactory | None = None, updater: RowUpdater | None = None,
-                 open_disk: bool = True):
+                 open_disk: bool = True, disk_io: str = "auto", host_update: str = "auto"):
         self.layout = layout
         self.open_disk = open_disk   # reopen an existing disk-tier level file (training resumes; not inference)
         self.dtype = dtype
@@ -130,7 +130,12 @@ class TieredStore:
         self.optim_state = optim_state
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
         self.io_threads = io_threads
-        self.io_factory = io_factory
+        self.io_factory = io_factory   # None: chosen by `disk_io` when the first disk level is made (aio.py)
+        self.disk_io = disk_io
+        from .cpu_adam import resolve_host_update
+
+        self.host_update = resolve_host_update(host_update, optim_state)
+        self._host_adam = None   # cpu_adam.HostAdam, made at the first update of a host level
         self.updater: RowUpdater = updater or fused_adamw
         self.compute_device = torch.device("cpu")
         self.formats: dict[str, RowFormat] = {}
@@ -173,7 +178,8 @@ class TieredStore:
 
         return cls(layout, generic=memory_cfg.generic, dtype=DTYPES[memory_cfg.dtype], seed=seed, init=init,
                    tiers=tiers, optim_state=memory_cfg.optim_state, disk_dir=memory_cfg.disk_dir,
-                   io_threads=memory_cfg.io_threads, cache_mb=memory_cfg.cache_mb, open_disk=training)
+                   io_threads=memory_cfg.io_threads, cache_mb=memory_cfg.cache_mb, open_disk=training,
+                   disk_io=memory_cfg.disk_io, host_update=memory_cfg.host_update)
 
     @property
     def has_generic(self) -> bool:
@@ -217,6 +223,14 @@ class TieredStore:
             self._initialise()
         self.init = False  # later placements move the values, they never re-draw them
 
+    def disk_io_factory(self) -> BlockIOFactory:
+        """The disk tier's BlockIO (memory.disk_io), resolved once: DeepSpeed's op is built only for a disk tier."""
+        if self.io_factory is None:
+            from .aio import block_io_factory
+
+            self.io_factory = block_io_factory(self.disk_io)
+        return self.io_factory
+
     def _make_level(self, key: str, fmt: RowFormat, *, create: bool) -> Level:
         tier, dev, nodes = self.tiers[key], self.compute_device, self.nodes(key)
         if tier == "device":
@@ -231,7 +245,7 @@ class TieredStore:
             return _PendingDisk(key, fmt, nodes, dev)
         # a resume reopens the working file (load_checkpoint checks it is the checkpoint's); otherwise a new one
         storage = FileStorage(fmt, nodes, path, key=key, create=create or not path.is_file(), threads=self.io_threads,
-                              io_factory=self.io_factory, pin=dev.type == "cuda")
+                              io_factory=self.disk_io_factory(), pin=dev.type == "cuda")
         storage.checksum_device = dev
         return PipelinedLevel(key, fmt, nodes, dev, storage, "disk")
 
@@ -282,6 +296,9 @@ class TieredStore:
         for level in self.levels.values():
             level.close()
         self.levels = {}
+        if self._host_adam is not None:
+            self._host_adam.close()
+            self._host_adam = None
 
     def flush(self) -> None:
         for level in self.levels.values():
@@ -314,9 +331,9 @@ class TieredStore:
         dev = self.compute_device
         path_rows = (~gmask).nonzero().squeeze(1)
         generic_rows = gmask.nonzero().squeeze(1)
-        parts: list[dict[str, torch.Tensor]] = []
+        requests: list[tuple[str, torch.Tensor]] = []   # (key, local rows): every block this fetch reads
+        inverses = []
         if len(path_rows):
-            per_level = []
             for lvl in self.layout.active_levels:
                 nodes = paths[path_rows, lvl]
                 n = self.layout.nodes(lvl)
@@ -325,26 +342,39 @@ class TieredStore:
                                      f"got {nodes.min().item()}..{nodes.max().item()}")
                 unique, inverse = torch.unique(nodes, return_inverse=True)
                 key = f"l{lvl}"
-                leaf = self._leaf(key, self.local_rows(key, unique), grad)
-                # one gather per level: every sample's row [B, P]
-                per_level.append(self.formats[key].named(leaf.index_select(0, to_device(inverse, dev))))
+                requests.append((key, self.local_rows(key, unique)))
+                inverses.append(inverse)
+        if len(generic_rows):
+            requests.append((GENERIC, self.local_rows(GENERIC, torch.zeros(1, dtype=torch.long))))
+        leaves = self._leaves(requests, grad)
+        parts: list[dict[str, torch.Tensor]] = []
+        if len(path_rows):
+            # one gather per level: every sample's row [B, P]
+            per_level = [self.formats[key].named(leaf.index_select(0, to_device(inverse, dev)))
+                         for (key, _), leaf, inverse in zip(requests, leaves, inverses)]
             parts.append({name: torch.cat([pl[name] for pl in per_level], dim=1 + s.rank_axis)
                           for name, s in spec.items()})
         if len(generic_rows):
-            rows = self.local_rows(GENERIC, torch.zeros(1, dtype=torch.long))
-            leaf = self.formats[GENERIC].named(self._leaf(GENERIC, rows, grad))
+            leaf = self.formats[GENERIC].named(leaves[-1])
             parts.append({name: t.expand(len(generic_rows), *t.shape[1:]) for name, t in leaf.items()})
         if len(parts) == 1:
             return parts[0]
         restore = to_device(torch.argsort(torch.cat([path_rows, generic_rows])), dev)
         return {name: torch.cat([p[name] for p in parts]).index_select(0, restore) for name in spec}
 
+    def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool) -> list[torch.Tensor]:
+        """The float32 rows [U, P] of every (key, local rows) of one fetch (a store that gathers all keys at once,
+        e.g. zero3, overrides this)."""
+        return [self._leaf(key, rows, grad) for key, rows in requests]
+
     def _leaf(self, key: str, rows: torch.Tensor, grad: bool) -> torch.Tensor:
         level = self.levels[key]
         if grad:
-            # staged tiers bring the rows' optimizer state along (one read); the device tier reads it at step time
-            with_state = isinstance(level, PipelinedLevel)
-            batch = level.fetch(rows, with_state)
+            # staged tiers bring the rows' optimizer state along (one read); the device tier reads it at step time,
+            # host rows updated by the CPU Adam need only their values on the device
+            with_state = isinstance(level, PipelinedLevel) and not self.updates_on_host(key)
+            batch = level.fetch(rows, with_state, training=True) if isinstance(level, PipelinedLevel) \
+                else level.fetch(rows, with_state)
             leaf = batch.params.to(torch.float32, copy=True).requires_grad_(True)
             self._fetched.append(_Fetched(key, rows, leaf, batch if with_state else None))
             return leaf
@@ -377,7 +407,7 @@ class TieredStore:
                 rows = self._local[key][rows]
                 rows = rows[rows >= 0]
             if len(rows):
-                level.prefetch(rows, with_state)
+                level.prefetch(rows, with_state and not self.updates_on_host(key))
 
     # ---------------------------------------------------------------- subtree-parallel restriction
     def restrict(self, held: dict[str, "torch.Tensor | list[int]"]) -> None:
@@ -461,12 +491,18 @@ class TieredStore:
         norm = self.fetched_grad_norm() if grad_norm is None else grad_norm
         scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip > 0 else None
         dev = self.compute_device
+        hyper = AdamHyper(lr, beta1, beta2, eps, weight_decay)
         native = getattr(self.updater, "storage_dtypes", False)
         work = []
         for f in groups:
             level = self.levels[f.key]
             rows_dev = to_device(f.rows, dev)
             level.steps.index_add_(0, rows_dev, torch.ones_like(rows_dev))
+            if self.updates_on_host(f.key):
+                grad = f.gradient().float()
+                level.update_on_host(f.rows, grad * scale if scale is not None else grad,
+                                     level.steps.index_select(0, rows_dev), hyper, self.host_adam())
+                continue
             batch = f.batch
             if batch is None and f.leaf is not None and isinstance(level, DeviceLevel):
                 # the values are the leaf's; only the moments are read, and the rows are written back whole
@@ -479,8 +515,7 @@ class TieredStore:
             m, v = (batch.m, batch.v) if native else (batch.m.float(), batch.v.float())
             work.append((f, level, batch, UpdateGroup(level.fmt, params, f.gradient().float(), m, v,
                                                       level.steps.index_select(0, rows_dev))))
-        self.updater([w[3] for w in work], AdamHyper(lr, beta1, beta2, eps, weight_decay), scale)
-        updated = 0
+        self.updater([w[3] for w in work], hyper, scale)
         for f, level, batch, g in work:
             if batch.params is None:
                 batch.params = g.params.to(level.fmt.dtype)
@@ -491,12 +526,32 @@ class TieredStore:
             if g.v is not batch.v:
                 batch.v.copy_(g.v)
             level.store(f.rows, batch)
+        for f in groups:
             if self.cache is not None:
                 self.cache.drop(f.key, f.rows.tolist())
-            updated += len(f.rows)
+        updated = sum(len(f.rows) for f in groups)
         self._fetched = []
         self._steps_taken += 1
         return {"grad_norm": norm, "blocks_updated": float(updated)}
+
+    def updates_on_host(self, key: str) -> bool:
+        """Whether `key`'s rows are updated in host RAM by DeepSpeed's CPU Adam (memory.host_update=cpu_adam)."""
+        return self.host_update == "cpu_adam" and self.tiers.get(key) == "host"
+
+    def ops_used(self) -> dict[str, str | None]:
+        """The block I/O serving the disk tier (aio | threads) and where host rows are updated (gpu | cpu_adam);
+        None where the bank has no such level (bench rows record them)."""
+        ios = [getattr(getattr(lv, "storage", None), "io", None) for lv in self.levels.values() if lv.tier == "disk"]
+        ios = [io for io in ios if io is not None]
+        return {"disk_io": getattr(ios[0], "backend", "threads") if ios else None,
+                "host_update": self.host_update if "host" in self.tiers.values() else None}
+
+    def host_adam(self):
+        if self._host_adam is None:
+            from .cpu_adam import HostAdam
+
+            self._host_adam = HostAdam()
+        return self._host_adam
 
     # ---------------------------------------------------------------- rows, for tools and tests
     def read_rows(self, key: str, rows=None, *, with_state: bool = False) -> RowBatch:
@@ -715,7 +770,7 @@ class TieredStore:
             if level.tier == "disk":
                 level.close()
                 storage = FileStorage(fmt, level.nodes, path, key=key, create=False, threads=self.io_threads,
-                                      io_factory=self.io_factory, pin=self.compute_device.type == "cuda",
+                                      io_factory=self.disk_io_factory(), pin=self.compute_device.type == "cuda",
                                       exported=(start + a0, fmt.param_bytes))
                 storage.checksums[:, 0] = sums
                 storage.checksum_device = self.compute_device

@@ -200,6 +200,11 @@ def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps
         trainer = _Trainer(recipe, vocab_size, device, compile)
     except torch.cuda.OutOfMemoryError as exc:
         message = _oom_message(exc)
+    except Exception as exc:  # a store that cannot be built here (e.g. zero3 without DeepSpeed): an error row
+        import logging
+
+        logging.getLogger("hmlm.bench").exception("building %s failed", row_name(store, compile))
+        message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     else:
         message = None
     if message is not None:
@@ -217,6 +222,8 @@ def measure_batches(recipe: Recipe, *, vocab_size: int, store: str | None, steps
                   bank_params=model.layout.bank_params() if model.layout else 0)
     if model.store is not None and hasattr(model.store, "bytes_by_tier"):
         common["bank_bytes_by_tier"] = model.store.bytes_by_tier()
+    if model.store is not None and hasattr(model.store, "ops_used"):
+        common.update(model.store.ops_used())   # disk_io (aio | threads), host_update (gpu | cpu_adam)
     rows = []
     for b in sizes:
         try:
