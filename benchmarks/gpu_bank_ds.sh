@@ -70,13 +70,13 @@ echo "== ops: $((SECONDS - t0)) s"
 
 if [ "$tiny" = 1 ]; then
   bank=(--tiny --steps 1 --warmup 1); zbank=(--tiny --steps 1 --warmup 1); scale=100
-  fetch=(anchor.preset=tiny anchor.n_layers=2 anchor.d_model=32 anchor.n_heads=2 anchor.head_dim=16 anchor.ffn_dim=64
+  fetch=(anchor.options.preset=tiny anchor.options.n_layers=2 anchor.options.d_model=32 anchor.options.n_heads=2 anchor.options.head_dim=16 anchor.options.ffn_dim=64
          anchor.vocab_size=128 index.router.branching=4 index.router.levels=3 "memory.sizes=[8,4,2]"
          memory.dtype=bfloat16 memory.io_threads=2)
   prompts=3
 else
   bank=(--steps 6 --warmup 2); zbank=(--steps 2 --warmup 1); scale=1
-  fetch=(anchor.preset=160m anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
+  fetch=(anchor.options.preset=160m anchor.vocab_size=50432 index.router.branching=16 index.router.levels=4
          "memory.sizes=[256,64,16,0]" memory.dtype=bfloat16 memory.io_threads=16)
   prompts=30
 fi

@@ -112,7 +112,7 @@ def test_plugin_api_version_is_checked(site):  # noqa: F811
     make_dist(site, "fake-future", {"hmlm.memories": {"future": f"{FAKE}future:M"}},
               {f"{FAKE}future": "class M:\n    hmlm_plugin_api = 99\n"}, version="3.0")
     with pytest.raises(PluginError, match=r"'future' from distribution 'fake-future' 3.0 is written for hmlm plugin "
-                                          r"API 99; this hmlm provides API 1"):
+                                          r"API 99; this hmlm provides API 2"):
         registry.get("memories", "future")
 
 
