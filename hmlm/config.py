@@ -117,13 +117,14 @@ class MemoryConfig:
     disk_dir: str = "${out_dir}/bank"         # the disk tier's level files and their copy-on-write undo logs
     io_threads: int = 8          # threads of the disk tier's block I/O and of bank initialisation/export
     # how the disk tier reads and writes rows (hmlm/bank/aio.py): aio = DeepSpeed's async I/O op (libaio, O_DIRECT;
-    # built on first use, an error where it cannot be); threads = os.preadv/pwritev from a thread pool; auto = aio
-    # where the op builds, else threads with the reason said once in the log
+    # built on first use, an error where it cannot be); threads = os.preadv/pwritev from a thread pool; auto = threads,
+    # which trained faster on the GPU machine (0.341 vs 0.282 of the anchor's tokens/s; aio fetched one memory faster)
     disk_io: str = "auto"
     # where host-tier rows are updated (hmlm/bank/cpu_adam.py): gpu = staged to the compute device with their moments
     # and updated by the lazy AdamW there; cpu_adam = only the gradients travel, the rows and moments are updated in
-    # place in host RAM by DeepSpeed's CPU Adam kernel (fp32 / bf16 moments; not factored); auto = gpu, the faster
-    # one measured so far (docs/benchmarks.md)
+    # place in host RAM by DeepSpeed's CPU Adam kernel (fp32 / bf16 moments; not factored); auto = gpu: cpu_adam was
+    # 1.07x faster in the one row measured (batch 8, fp32 moments; docs/benchmarks.md), not yet at batch 16 or with
+    # bf16 moments, so the default waits for those rows
     host_update: str = "auto"
     cache_mb: float = 0.0        # inference: an LRU of fetched host/disk blocks kept on the device (0 = off)
 
