@@ -300,17 +300,6 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         summary["steps"][f"generate_{mode}"] = {"rc": rc, "output": text[-3000:]}
     # 2. knowledge removal: block the node whose training documents mention Hafnium most, at the deepest level
     #    where one node holds most of them
-    # the index was built on the CPU: entity counts read the training corpus, which the bundled generator writes
-    # again here, byte for byte (deterministic for the recipe's seed, same cache key as the index's)
-    from hmlm.data.bundled import build_bundled_corpus
-
-    built = build_bundled_corpus(seed=0)
-    for meta_file in [p for top in (".smol", "runs") for p in Path(top).glob("**/index.json")]:
-        recorded = Path(json.loads(meta_file.read_text()).get("corpus", ""))
-        if recorded.name == "corpus.jsonl" and not recorded.exists() and recorded.parent.name.startswith("seed0-"):
-            # the cache key also hashes the generator's code: place the regenerated files where the index says
-            recorded.parent.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(built.parent, recorded.parent, dirs_exist_ok=True)
     m = hmlm.load(model_dir, embedder_path=emb)
     from hmlm.knowledge import KnowledgeError
 
