@@ -286,7 +286,7 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         read_copy_meta(emb, verify=True)
     emb_args = ["--embedder-path", emb] if emb else []
     import hmlm
-    from hmlm.knowledge import entity_nodes, eval_data_of
+    from hmlm.knowledge import KnowledgeError, entity_nodes, eval_data_of
 
     summary: dict = {"call": 3, "manifest": manifest["id"], "model_dir": str(model_dir), "steps": {}}
     import torch
@@ -301,8 +301,6 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
     # 2. knowledge removal: block the node whose training documents mention Hafnium most, at the deepest level
     #    where one node holds most of them
     m = hmlm.load(model_dir, embedder_path=emb)
-    from hmlm.knowledge import KnowledgeError
-
     try:
         hits = entity_nodes(eval_data_of(model_dir), ["Hafnium"])
         no_counts = None
