@@ -28,8 +28,8 @@ def test_gpu_bank_ds_script_tiny(tmp_path):
     # the thread-pool disk row and the GPU update are measured everywhere
     assert by[("threads", None)]["tokens_per_s"] > 0 and by[(None, "gpu")]["tokens_per_s"] > 0
     for r in rows[1:]:
-        if r.get("error"):   # an op that is not here says so
-            assert "DeepSpeed" in r["error"] or "deepspeed" in r["error"], r["error"]
+        if r.get("error"):   # an op that is not here says why: no DeepSpeed, or (a clean clone) no unpacked libaio
+            assert any(why in r["error"].lower() for why in ("deepspeed", "libaio")), r["error"]
         else:
             assert r["tokens_per_s"] > 0 and r["ratio_vs_anchor"] is not None
     zero3 = json.loads((out / "zero3" / "bank_rows.json").read_text())["train"]
