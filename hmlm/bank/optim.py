@@ -151,16 +151,16 @@ def _row_adamw_for(device: torch.device) -> Callable:
 def fused_adamw(groups: Sequence[UpdateGroup], hyper: AdamHyper, scale: torch.Tensor | None = None) -> None:
     """`lazy_adamw` with the moments in their storage dtypes: each dense group in one pass (one kernel on CUDA);
     factored groups go through `lazy_adamw` on float32 copies of their moments."""
+    dense = [g for g in groups if g.fmt.optim_state != "factored"]
     factored = [g for g in groups if g.fmt.optim_state == "factored"]
-    for g in groups:
-        if g.fmt.optim_state == "factored":
-            continue
-        dev = g.params.device
+    if dense:
+        # the step's scalars as device tensors, made once (a Python float would recompile the kernel as lr moves)
+        dev = dense[0].params.device
         lr = torch.full((), hyper.lr, dtype=torch.float32, device=dev)
-        s = (scale.to(dev, torch.float32) if scale is not None
-             else torch.ones((), dtype=torch.float32, device=dev))
-        _row_adamw_for(dev)(g.params, g.grad, g.m, g.v, g.steps, lr, s, hyper.beta1, hyper.beta2, hyper.eps,
-                            hyper.weight_decay)
+        s = scale.to(dev, torch.float32) if scale is not None else torch.ones((), dtype=torch.float32, device=dev)
+        update = _row_adamw_for(dev)
+        for g in dense:
+            update(g.params, g.grad, g.m, g.v, g.steps, lr, s, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
     if factored:
         wide = [UpdateGroup(g.fmt, g.params, g.grad, g.m.float(), g.v.float(), g.steps) for g in factored]
         lazy_adamw(wide, hyper, scale)
