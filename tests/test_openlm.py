@@ -93,6 +93,26 @@ def test_forward_shape_and_causality() -> None:
     assert not torch.allclose(out[:, 6:], logits[:, 6:])
 
 
+def test_precomputed_rope_tables_equal_computed_ones() -> None:
+    """The buffer rows (what a compiled step reads) and the per-forward computation (sequences beyond the table, a
+    model cast to bf16) give bit-identical logits, for plain and packed positions and with a cache."""
+    m = small()
+    ids, doc_ids = tokens(2, 12), torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    from_table = (m(ids), m(ids, doc_ids=doc_ids))
+    cache = m.new_cache()
+    m(ids[:, :7], cache=cache)
+    step_from_table = m(ids[:, 7:], cache=cache)
+    full = (m.rope_cos, m.rope_sin)
+    m.rope_cos, m.rope_sin = full[0][:4], full[1][:4]   # shorter than the sequences: computed per forward
+    torch.testing.assert_close(m(ids), from_table[0], rtol=0, atol=0)
+    torch.testing.assert_close(m(ids, doc_ids=doc_ids), from_table[1], rtol=0, atol=0)
+    cache = m.new_cache()
+    m(ids[:, :7], cache=cache)
+    torch.testing.assert_close(m(ids[:, 7:], cache=cache), step_from_table, rtol=0, atol=0)
+    m.rope_cos, m.rope_sin = full
+    assert "rope_cos" not in m.state_dict()          # a function of the config, never in checkpoints
+
+
 def test_packed_documents_match_documents_alone() -> None:
     m = small()
     a, b = tokens(1, 5, seed=2), tokens(1, 7, seed=3)
