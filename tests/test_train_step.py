@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hmlm.bench.train_step import run_bench, synthetic_batches
 from hmlm.model import build_model
 from hmlm.train.schedule import cosine_lr
-from hmlm.train.step import BankOptimizer, PlainEngine, TrainStep, build_anchor_optimizer
+from hmlm.train.step import BankOptimizer, PlainEngine, TrainStep, build_anchor_optimizer, clip_gradients
 
 VOCAB = 512
 
@@ -78,6 +78,43 @@ def test_shared_step_reproduces_the_plain_step(tiny_recipe):
     assert got == pytest.approx(want, rel=1e-5)
     # Adam divides by the gradient's own scale, so float-rounding differences of the loss show up to ~lr·1e-3
     _assert_same_state(shared, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])   # clipping active / the norm below the limit (no-op)
+def test_clip_inside_fused_adamw_equals_clip_grad_norm(max_norm):
+    """clip_gradients hands the clip to the fused AdamW as its gradient divisor: same weights as clip_grad_norm_
+    followed by the same optimizer, over steps whose norms differ, and the gradients end up clipped as well."""
+    def run(fold: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        for step in range(4):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step)) * (step + 1)
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).sum().backward()
+            if fold:
+                clip_gradients(opt, max_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return [p.detach().clone() for p in model.parameters()], grads
+
+    (folded, folded_grads), (plain, plain_grads) = run(True), run(False)
+    for a, b in zip(folded + folded_grads, plain + plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if max_norm < 1:
+        assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in folded_grads]))) \
+            == pytest.approx(max_norm, rel=1e-4)
+
+
+def test_clip_without_fused_adamw_uses_clip_grad_norm():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 10.0)
+    opt = torch.optim.SGD([p], lr=0.1)
+    clip_gradients(opt, 1.0)
+    assert not hasattr(opt, "grad_scale")
+    assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_compiled_step_matches_eager(tiny_recipe):

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from ..config import Recipe
 from ..loss import lm_nll
 from ..model import MemoryLM
-from .step import BankOptimizer, TrainStep, build_anchor_optimizer
+from .step import BankOptimizer, TrainStep, build_anchor_optimizer, clip_gradients
 
 
 class HeldoutPerplexity(Metric):
@@ -69,8 +69,7 @@ class _LightningEngine:
 
         if is_deepspeed(self.module.recipe.trainer.strategy):
             return
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        clip_gradients(optimizer, max_norm)
 
     def step(self, optimizers) -> None:
         # exactly one Lightning-wrapped step per batch (it advances global_step): the last wrapped optimizer's; an
