@@ -48,7 +48,12 @@ class MemoryLM(nn.Module):
             raise ValueError(f"memory mode {mode!r} needs the batch's tree paths")
         if mode == "generic":
             generic_mask = torch.ones(paths.shape[0], dtype=torch.bool)
-        tensors = self.store.fetch(paths, generic_mask=generic_mask, grad=grad)
+        # under autocast the memory comes in autocast's dtype, laid out for the anchor's layers (Store.fetch); a
+        # store that predates `dtype` still works in float32 runs
+        device = torch.device(getattr(self.store, "compute_device", "cpu"))
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        extra = {} if dtype is None else {"dtype": dtype}
+        tensors = self.store.fetch(paths, generic_mask=generic_mask, grad=grad, **extra)
         assert self.layout is not None
         return MemoryContext(self.layout.memory, tensors, self.layout.layers)
 

@@ -62,6 +62,15 @@ class TensorSpec:
     rank_axis: int
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where autocast is on for x's device, else x's own. Memory types cast
+    their fetched tensors to it (`w.to(compute_dtype(x))`): under autocast the fetch already delivers that dtype, so
+    the cast is free, where `.to(x.dtype)` would turn bf16 weights into float32 for autocast to turn back."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class MemoryContext:
     """The memory of one batch: a memory type, its per-sample fetched tensors, the layers it serves.
 
@@ -121,7 +130,7 @@ class MemoryType(Protocol):
       at least one tensor.
     - `apply(site, slot, x, fetched)`: `fetched[name]` is the tensor of layer slot `slot`, [B, *spec.shape[1:]]
       (the layer axis removed; API 2 -- API 1 passed [B, *spec.shape] and left `[:, slot]` to the type), in the
-      bank's compute dtype (cast to x.dtype inside). Returns the delta with the site's output shape ([B, T, d_model]
+      step's compute dtype (autocast's under autocast, else float32; cast with `.to(compute_dtype(x))` inside). Returns the delta with the site's output shape ([B, T, d_model]
       for ffn, attn_o, attn_q/k/v; [B, H, T, head_dim] for attn_kv; see MEMORY_SITES). Sample i's delta depends only
       on x[i] and the fetched tensors of sample i; batched over samples with no Python loop over them.
     """
@@ -204,8 +213,9 @@ class Store(Protocol):
     Bank keys are `l{level}` (0-based tree level, only levels with r > 0) and `generic`; a key's rows are the level's
     nodes in global node-id order, one flat row of `format_of(key).numel` values per node.
     Guarantees (checked by `hmlm.testing.StoreTests`):
-    - `fetch(paths [B, L] int64 CPU, generic_mask=None, grad=False)` returns {tensor name: [B, *spec(R)]} on the
-      compute device, sample i's blocks of its path concatenated along the rank axis (or the generic block where
+    - `fetch(paths [B, L] int64 CPU, generic_mask=None, grad=False, dtype=None)` returns {tensor name: [B,
+      *spec(R)]} on the compute device in `dtype` (float32 when None; the model passes autocast's dtype under
+      autocast), sample i's blocks of its path concatenated along the rank axis (or the generic block where
       generic_mask[i]). With grad=True the blocks are leaves; after backward, `fetched_grads()` lists
       (key, local rows, grad [U, P]) per level and `replace_fetched_grads` swaps them (subtree-parallel reduction).
     - `step(lr=, weight_decay=, ...)` updates exactly the fetched rows; every other row is bit-identical.
@@ -229,7 +239,7 @@ class Store(Protocol):
     def to_compute(self, device: torch.device | str) -> "Store": ...
 
     def fetch(self, paths: torch.Tensor, *, generic_mask: torch.Tensor | None = None,
-              grad: bool = False) -> dict[str, torch.Tensor]: ...
+              grad: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]: ...
 
     def prefetch(self, paths: torch.Tensor, *, with_state: bool = True) -> None: ...
 

@@ -69,6 +69,35 @@ def test_fetch_concatenates_levels_per_sample():
         torch.testing.assert_close(fetched["w1"][i], expect)
 
 
+def test_fetch_in_compute_dtype_is_layer_major_and_accumulates_gradients_in_float32():
+    """fetch(dtype=bf16), what the model asks for under autocast: the fp32 values rounded once, each layer's slice
+    contiguous (no per-layer copy or cast in the anchor), and the same leaf gradients as the fp32 fetch to bf16
+    rounding -- summed in float32 over the samples that share a block."""
+    model = make()
+    store = model.store
+    _, paths = batch(b=6)
+    paths[:3, 0] = paths[0, 0]                      # three samples share one level-1 block
+    mask = torch.tensor([False, True, False, False, True, False])
+    g = torch.Generator().manual_seed(3)
+    weights = {name: torch.randn(t.shape, generator=g) for name, t in store.fetch(paths).items()}
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        out = store.fetch(paths, generic_mask=mask, grad=True, dtype=dtype)
+        for name, t in out.items():
+            assert t.dtype == dtype and t.shape[:2] == (6, 2)
+            assert all(s.is_contiguous() for s in t.unbind(1)), f"{name}: a layer's slice is strided"
+        sum((t.float() * weights[name]).sum() for name, t in out.items()).backward()
+        got[dtype] = ({n: t.detach() for n, t in out.items()}, {k: g.clone() for k, _, g in store.fetched_grads()})
+        store.discard_fetched()
+    (hi, hi_grad), (lo, lo_grad) = got[torch.float32], got[torch.bfloat16]
+    for name in hi:
+        torch.testing.assert_close(lo[name], hi[name].to(torch.bfloat16), rtol=0, atol=0)
+    assert hi_grad.keys() == lo_grad.keys() == {"l0", "l1", "l2", "generic"}
+    for key in hi_grad:
+        assert lo_grad[key].dtype == torch.float32
+        torch.testing.assert_close(lo_grad[key], hi_grad[key], rtol=1e-2, atol=1e-2)
+
+
 def _train_step(model, ids, paths, lr=1e-2, generic_mask=None):
     logits = model(ids, paths=paths, memory="fetched", grad_memory=True, generic_mask=generic_mask)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten())

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..utils import write_json
 from .blockio import BlockIOFactory, ThreadPoolBlockIO, aligned_empty
@@ -306,12 +307,18 @@ class TieredStore:
 
     # ---------------------------------------------------------------- fetch
     def fetch(self, paths: torch.Tensor, *, generic_mask: torch.Tensor | None = None,
-              grad: bool = False) -> dict[str, torch.Tensor]:
+              grad: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Per-sample memory tensors [B, *spec(R)] for paths [B, levels] (global node id per level).
 
         Samples with generic_mask[i] get the generic block instead of their path's blocks (same size). With grad=True
         the gathered blocks are leaves whose gradients `step` applies. Pass paths on the CPU (the training loop does):
         paths on an accelerator cost a device-to-host synchronisation here.
+
+        `dtype` is the dtype the memory is computed in (autocast's, e.g. bfloat16; default float32). The tensors come
+        in that dtype, each laid out layer-major (a [B, L, ...] view of a contiguous [L, B, ...] tensor), so the
+        anchor's per-layer slice is contiguous and needs no cast: at the 160M shape on an H100, casting strided fp32
+        slices per layer (forward and backward) cost more than the memory's matmuls. The leaves whose gradients the
+        step reads stay float32; the per-sample gather accumulates their gradient in float32 (embedding backward).
         """
         self._materialize()
         paths = paths.detach()
@@ -328,9 +335,9 @@ class TieredStore:
         spec = self.layout.spec(self.layout.total_rank)
         if grad:
             self._fetched = []
-        dev = self.compute_device
+        dev, dtype = self.compute_device, dtype or torch.float32
         path_rows = (~gmask).nonzero().squeeze(1)
-        generic_rows = gmask.nonzero().squeeze(1)
+        any_generic = bool(gmask.any())
         requests: list[tuple[str, torch.Tensor]] = []   # (key, local rows): every block this fetch reads
         inverses = []
         if len(path_rows):
@@ -344,23 +351,31 @@ class TieredStore:
                 key = f"l{lvl}"
                 requests.append((key, self.local_rows(key, unique)))
                 inverses.append(inverse)
-        if len(generic_rows):
+        if any_generic:
             requests.append((GENERIC, self.local_rows(GENERIC, torch.zeros(1, dtype=torch.long))))
         leaves = self._leaves(requests, grad)
-        parts: list[dict[str, torch.Tensor]] = []
-        if len(path_rows):
-            # one gather per level: every sample's row [B, P]
-            per_level = [self.formats[key].named(leaf.index_select(0, to_device(inverse, dev)))
-                         for (key, _), leaf, inverse in zip(requests, leaves, inverses)]
-            parts.append({name: torch.cat([pl[name] for pl in per_level], dim=1 + s.rank_axis)
-                          for name, s in spec.items()})
-        if len(generic_rows):
-            leaf = self.formats[GENERIC].named(leaves[-1])
-            parts.append({name: t.expand(len(generic_rows), *t.shape[1:]) for name, t in leaf.items()})
-        if len(parts) == 1:
-            return parts[0]
-        restore = to_device(torch.argsort(torch.cat([path_rows, generic_rows])), dev)
-        return {name: torch.cat([p[name] for p in parts]).index_select(0, restore) for name in spec}
+        generic = self.formats[GENERIC].named(leaves[-1].to(dtype)) if any_generic else None
+        # per level: a table of the level's fetched rows (+ the generic block's share of this level's rank, as one
+        # more row), and each sample's row in it; one gather per level, then one layer-major concatenation
+        per_level: list[dict[str, torch.Tensor]] = []
+        offset = 0
+        for i, lvl in enumerate(self.layout.active_levels):
+            key, r = f"l{lvl}", self.layout.sizes[lvl]
+            fmt = self.formats[key]
+            tables, index = [], torch.empty(batch, dtype=torch.long)
+            if len(path_rows):
+                tables.append(leaves[i].to(dtype))
+                index[path_rows] = inverses[i]
+            if generic is not None:
+                share = {name: t.narrow(1 + spec[name].rank_axis, offset, r) for name, t in generic.items()}
+                index[gmask] = tables[0].shape[0] if tables else 0
+                tables.append(fmt.flatten(share))
+            table = tables[0] if len(tables) == 1 else torch.cat(tables)
+            rows = F.embedding(to_device(index, dev), table)                      # [B, P_l]
+            per_level.append({name: t.movedim(1, 0) for name, t in fmt.named(rows).items()})  # [L, B, ...] views
+            offset += r
+        return {name: torch.cat([pl[name] for pl in per_level], dim=1 + s.rank_axis).movedim(0, 1)
+                for name, s in spec.items()}
 
     def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool) -> list[torch.Tensor]:
         """The float32 rows [U, P] of every (key, local rows) of one fetch (a store that gathers all keys at once,

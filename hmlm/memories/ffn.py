@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..protocols import AnchorShape, TensorSpec
+from ..protocols import AnchorShape, TensorSpec, compute_dtype
 from .init import trunc_normal_
 
 
@@ -38,6 +38,7 @@ class FFNMemory:
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # x [B, T, d]; per-sample weights [B, d, R] -> batched matmuls, one per tensor, no loop over samples
         w1, w2, w3 = fetched["w1"], fetched["w2"], fetched["w3"]
-        h = F.silu(torch.matmul(x, w1.to(x.dtype))) * torch.matmul(x, w2.to(x.dtype))
-        return torch.matmul(h, w3.to(x.dtype))
+        dt = compute_dtype(x)
+        h = F.silu(torch.matmul(x, w1.to(dt))) * torch.matmul(x, w2.to(dt))
+        return torch.matmul(h, w3.to(dt))
 

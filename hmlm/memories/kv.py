@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..protocols import AnchorShape, TensorSpec
+from ..protocols import AnchorShape, TensorSpec, compute_dtype
 from .init import trunc_normal_
 
 
@@ -44,8 +44,8 @@ class KVMemory:
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # x = q [B, H, T, dh]; per-sample slots [B, R, H*dh] -> [B, H, R, dh]; one batched attention, no mask
         B, H, T, dh = x.shape
-        keys = fetched["keys"].to(x.dtype)
-        values = fetched["values"].to(x.dtype)
+        keys = fetched["keys"].to(compute_dtype(x))
+        values = fetched["values"].to(compute_dtype(x))
         R = keys.shape[1]
         keys = keys.reshape(B, R, H, dh).transpose(1, 2)
         values = values.reshape(B, R, H, dh).transpose(1, 2)

@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from ..protocols import AnchorShape, TensorSpec
+from ..protocols import AnchorShape, TensorSpec, compute_dtype
 
 
 def kaiming_uniform_bound(fan_in: int) -> float:
@@ -67,8 +67,8 @@ class LoRAMemory:
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # x [B, T, d_in]; per-sample A [B, d_in, R], B [B, R, d_out] -> two batched matmuls, no loop over samples
         prefix = self.prefixes[site]
-        a = fetched[f"{prefix}_a"].to(x.dtype)
-        b = fetched[f"{prefix}_b"].to(x.dtype)
+        a = fetched[f"{prefix}_a"].to(compute_dtype(x))
+        b = fetched[f"{prefix}_b"].to(compute_dtype(x))
         return torch.matmul(torch.matmul(x, a), b) * self.alpha
 
 

@@ -59,6 +59,11 @@ def check_fetch(store: Store, layout) -> None:
                  for lvl in layout.active_levels]
         torch.testing.assert_close(out[name][0].float(), torch.cat(parts, dim=s.rank_axis).float(), rtol=0, atol=0,
                                    msg=lambda m: f"fetch[{name!r}][0] is not the concatenation of its path's blocks")
+    # under autocast the model asks for its compute dtype: the same values, rounded once
+    low = store.fetch(paths, dtype=torch.bfloat16)
+    for name in spec:
+        assert low[name].dtype == torch.bfloat16, f"fetch(dtype=bfloat16)[{name!r}] came as {low[name].dtype}"
+        torch.testing.assert_close(low[name], out[name].to(torch.bfloat16), rtol=0, atol=0)
     if store.has_generic:
         mask = torch.tensor([True] + [False] * (len(paths) - 1))
         out2 = store.fetch(paths, generic_mask=mask)

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from hmlm.protocols import PLUGIN_API, AnchorShape, TensorSpec
+from hmlm.protocols import PLUGIN_API, AnchorShape, TensorSpec, compute_dtype
 
 __version__ = "0.1.0"
 
@@ -63,8 +63,9 @@ class ProductKeyMemory:
 
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:
         n, knn = self.options.subkeys, self.options.knn
-        k1, k2 = fetched["keys1"].to(x.dtype), fetched["keys2"].to(x.dtype)  # [B, R, n, d/2]
-        values = fetched["values"].to(x.dtype)                                      # [B, R, n*n, d]
+        dt = compute_dtype(x)
+        k1, k2 = fetched["keys1"].to(dt), fetched["keys2"].to(dt)  # [B, R, n, d/2]
+        values = fetched["values"].to(dt)                          # [B, R, n*n, d]
         B, R = k1.shape[:2]
         half = k1.shape[-1]
         # sub-key scores of every head: [B, T, R, n] per half (one batched matmul each, no loop over samples)

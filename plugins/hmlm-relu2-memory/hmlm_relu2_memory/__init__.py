@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from hmlm.protocols import PLUGIN_API, AnchorShape, TensorSpec
+from hmlm.protocols import PLUGIN_API, AnchorShape, TensorSpec, compute_dtype
 
 __version__ = "0.1.0"
 
@@ -29,5 +29,5 @@ class ReLU2Memory:
         tensors["down"].zero_()  # no effect at step 0: the model starts as its anchor
 
     def apply(self, site: str, slot: int, x: torch.Tensor, fetched: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        up, down = fetched["up"].to(x.dtype), fetched["down"].to(x.dtype)
+        up, down = fetched["up"].to(compute_dtype(x)), fetched["down"].to(compute_dtype(x))
         return torch.matmul(torch.relu(torch.matmul(x, up)).square(), down)  # [B,T,d] per-sample batched matmuls
