@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..utils import write_json
 from .blockio import BlockIOFactory, ThreadPoolBlockIO, aligned_empty
@@ -66,6 +65,24 @@ def bounded_map(fn, items: Iterable, workers: int) -> Iterator:
             nxt = next(items, None)
             if nxt is not None:
                 window.append(ex.submit(fn, nxt))
+
+
+class _GatherRows(torch.autograd.Function):
+    """table[index] for a few huge rows (table [U, P] with P in the millions, index [B]), whose backward sums the rows'
+    gradients in float32 (one index_add_) and rounds once to the table's dtype. F.embedding computes the same, but its
+    backward is built for many short rows: 3.8 ms per step for 8 samples of the 160M bank's 18M values on an H100."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.rows, ctx.dtype = table.shape[0], table.dtype
+        return table.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        total = torch.zeros(ctx.rows, grad.shape[1], dtype=torch.float32, device=grad.device)
+        return total.index_add_(0, index, grad.float()).to(ctx.dtype), None
 
 
 @dataclass
@@ -318,7 +335,7 @@ class TieredStore:
         in that dtype, each laid out layer-major (a [B, L, ...] view of a contiguous [L, B, ...] tensor), so the
         anchor's per-layer slice is contiguous and needs no cast: at the 160M shape on an H100, casting strided fp32
         slices per layer (forward and backward) cost more than the memory's matmuls. The leaves whose gradients the
-        step reads stay float32; the per-sample gather accumulates their gradient in float32 (embedding backward).
+        step reads stay float32; the per-sample gather accumulates their gradient in float32 (_GatherRows).
         """
         self._materialize()
         paths = paths.detach()
@@ -371,7 +388,7 @@ class TieredStore:
                 index[gmask] = tables[0].shape[0] if tables else 0
                 tables.append(fmt.flatten(share))
             table = tables[0] if len(tables) == 1 else torch.cat(tables)
-            rows = F.embedding(to_device(index, dev), table)                      # [B, P_l]
+            rows = _GatherRows.apply(table, to_device(index, dev))              # [B, P_l]
             per_level.append({name: t.movedim(1, 0) for name, t in fmt.named(rows).items()})  # [L, B, ...] views
             offset += r
         return {name: torch.cat([pl[name] for pl in per_level], dim=1 + s.rank_axis).movedim(0, 1)
