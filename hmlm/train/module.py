@@ -281,9 +281,11 @@ class HMLMModule(L.LightningModule):
             with atomic_write_path(path) as tmp:
                 save_file({k: v.detach().cpu().contiguous() for k, v in store.state_dict().items()}, str(tmp))
             checkpoint["hmlm_bank_ranks"] = {"step": self.global_step, "world": world}
-        elif store is not None:
+        elif store is not None and self._world()[0] == 0:
             # the bank is not pickled into the checkpoint: per-level files beside it (docs/design.md §6), written
-            # before Lightning writes the checkpoint that names them
+            # before Lightning writes the checkpoint that names them. Only rank 0's: Lightning writes only rank 0's
+            # checkpoint, and replicated ranks writing the same files at once would tear them (a resume then loads
+            # rank 0's bank on every rank)
             rel = f"bank/step-{self.global_step:06d}"
             manifest = store.save_checkpoint(self._bank_checkpoint_dir(rel), self.global_step)
             checkpoint["hmlm_bank_checkpoint"] = {"dir": rel, "manifest": manifest}
