@@ -148,11 +148,12 @@ class HMLMModule(L.LightningModule):
         if self.model.store is not None:
             self.model.store.to_compute(self.device)
         ddp = getattr(self.trainer.strategy, "model", None)
-        if self.comm_counter is not None and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-            from .affine import counting_allreduce_hook
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and self._world()[1] > 1:
+            from .ddp import register_anchor_hook
 
-            # DDP's own mean all-reduce, counted: it carries the anchor and nothing else (the bank is no parameter)
-            ddp.register_comm_hook(self.comm_counter, counting_allreduce_hook)
+            # DDP's mean all-reduce of the anchor (the bank is no parameter), in trainer.ddp.grad_reduce's dtype and,
+            # under subtree parallelism, counted for rank.json
+            register_anchor_hook(ddp, self.recipe.trainer.ddp, self.comm_counter)
 
     def on_train_start(self) -> None:
         self._segment_start = self.global_step  # after a resume: the steps this process ran, for rank.json
