@@ -178,7 +178,7 @@ class DDPConfig:
     """trainer.strategy=ddp (hmlm.train.ddp): how DistributedDataParallel reduces the anchor's gradients."""
     grad_reduce: str = "fp32"    # dtype on the wire: fp32 | bf16 (half the bytes; torch's bf16 compression comm hook:
                                  # each bucket is cast to bf16, all-reduced, and cast back into the fp32 gradients)
-    bucket_mb: float = 25.0      # DDP's bucket_cap_mb: MiB of (fp32) gradient per all-reduce bucket (torch's default 25)
+    bucket_mb: float = 25.0      # DDP's bucket_cap_mb: MiB of (fp32) gradient per all-reduce bucket (torch's: 25)
     bucket_view: bool = True     # DDP's gradient_as_bucket_view: the gradients are views into the buckets, which saves
                                  # one gradient-sized buffer and the copy back out of the buckets after backward
 

@@ -281,8 +281,8 @@ def run_scaling(recipe: Recipe, *, vocab_size: int, worlds: list[int], modes: li
 
 
 REPORT_COLUMNS = ("strategy", "grad_reduce", "mode", "world", "paths", "step_ms", "tokens_per_s",
-                  "scaling_efficiency", "anchor_bytes_per_step", "bank_bytes_per_step", "bank_params_per_rank", "bank_bytes_per_rank",
-                  "plan_level", "plan_imbalance", "peak_gpu_gb")
+                  "scaling_efficiency", "anchor_bytes_per_step", "bank_bytes_per_step", "bank_params_per_rank",
+                  "bank_bytes_per_rank", "plan_level", "plan_imbalance", "peak_gpu_gb")
 
 
 def write_report(row_files: list[Path], markdown: Path, merged: Path, *, title: str) -> list[dict[str, Any]]:
