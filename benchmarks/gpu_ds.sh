@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 11's multi-GPU rows in ONE call of at most ~540 s: subtree-affine data parallelism with the anchor under DDP,
-# DeepSpeed ZeRO-1 and ZeRO-2, on 1/2/4 GPUs (2 GPUs when only two are visible), then the 1.4B configuration
+# Issue 11's multi-GPU rows in ONE call of at most ~540 s: subtree-affine data parallelism with the anchor under DDP
+# (fp32 and bf16 gradient reduction: trainer.ddp.grad_reduce), DeepSpeed ZeRO-1 and ZeRO-2, on 1/2/4 GPUs (1/2 when
+# only two are visible: the world sizes follow torch.cuda.device_count()), then the 1.4B configuration
 # (768,256,16,0: a 21.1B-parameter bank) on all GPUs with device+host tiers under ZeRO-2.
 #
 #   bash benchmarks/gpu_ds.sh OUT_DIR            # the GPU run
@@ -12,7 +13,8 @@
 # Needs hmlm (installed here with --no-deps -e . when missing), omegaconf and deepspeed (0.19.8) importable, e.g.
 # carried wheels installed with `pip install --no-index --no-deps --target /tmp/site` and PYTHONPATH=/tmp/site.
 # Expected wall time on 4 x H100 (process start ~20 s per world size, 5 warm-up + 20 timed steps):
-#   160M + 4.6B bank, 4 x 2048 tokens per rank: ddp / deepspeed_stage_1 / deepspeed_stage_2 x 1,2,4 GPUs  3 x ~110 s
+#   160M + 4.6B bank, 4 x 2048 tokens per rank: ddp / ddp_bf16 / deepspeed_stage_1 / deepspeed_stage_2 x 1,2,4 GPUs
+#                                                                                                       4 x ~110 s
 #   1.4B + 21.1B bank (tiers device,device,host; factored moments), 4 x 2048 per rank, ZeRO-2, all GPUs    ~150 s
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_ds.sh OUT_DIR [--tiny|--dry-run]}"
@@ -72,9 +74,13 @@ n=$(echo "$devices" | tr ',' '\n' | wc -l)
 # HMLM_DS_ROWS: which rows, in that order (default: all, the 160M rows first); HMLM_PROFILE=1: rank 0 of each row
 # profiled after its timing (hmlm bench scaling --profile; tables in OUT_DIR/profile)
 prof=(); [ "${HMLM_PROFILE:-0}" = 1 ] && prof=(--profile "$out/profile")
-for row in $(echo "${HMLM_DS_ROWS:-160m_ddp,160m_deepspeed_stage_1,160m_deepspeed_stage_2,1.4b_deepspeed_stage_2}" \
-             | tr ',' ' '); do
+rows="160m_ddp,160m_ddp_bf16,160m_deepspeed_stage_1,160m_deepspeed_stage_2,1.4b_deepspeed_stage_2"
+for row in $(echo "${HMLM_DS_ROWS:-$rows}" | tr ',' ' '); do
   case "$row" in
+    # the anchor's DDP gradient all-reduce in bf16 (half the bytes; trainer.ddp applies to trainer.strategy=ddp)
+    160m_ddp_bf16)
+            run "$row" $((n * 30)) "${p160[@]}" trainer.strategy=ddp trainer.ddp.grad_reduce=bf16 --strategies ddp \
+                --modes subtree --devices "$devices" "${steps[@]}" "${prof[@]}" ;;
     160m_*) s="${row#160m_}"
             run "$row" $((n * 30)) "${p160[@]}" --strategies "$s" --modes subtree --devices "$devices" "${steps[@]}" \
                 "${prof[@]}" ;;

@@ -278,8 +278,8 @@ def _bench(args, recipe) -> int:
                            out=args.out, profile=args.profile)
         table = Table(title=f"data-parallel training step, {rows[0]['device']}, "
                             f"{rows[0]['batch_per_rank']} x {rows[0]['seq_len']} tokens per rank")
-        cols = ("strategy", "mode", "world", "step_ms", "tokens_per_s", "scaling_efficiency", "anchor_bytes_per_step",
-                "bank_bytes_per_step", "bank_params_per_rank", "plan_level", "plan_imbalance")
+        cols = ("strategy", "grad_reduce", "mode", "world", "step_ms", "tokens_per_s", "scaling_efficiency",
+                "anchor_bytes_per_step", "bank_bytes_per_step", "bank_params_per_rank", "plan_level", "plan_imbalance")
         for col in cols:
             table.add_column(col, justify="left" if col in ("strategy", "mode") else "right")
         for r in rows:

@@ -174,6 +174,16 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DDPConfig:
+    """trainer.strategy=ddp (hmlm.train.ddp): how DistributedDataParallel reduces the anchor's gradients."""
+    grad_reduce: str = "fp32"    # dtype on the wire: fp32 | bf16 (half the bytes; torch's bf16 compression comm hook:
+                                 # each bucket is cast to bf16, all-reduced, and cast back into the fp32 gradients)
+    bucket_mb: float = 25.0      # DDP's bucket_cap_mb: MiB of (fp32) gradient per all-reduce bucket (torch's: 25)
+    bucket_view: bool = True     # DDP's gradient_as_bucket_view: the gradients are views into the buckets, which saves
+                                 # one gradient-sized buffer and the copy back out of the buckets after backward
+
+
+@dataclass
 class TrainerConfig:
     mode: str = "cotrain"        # anchor | memory (anchor frozen) | cotrain | scratch
     max_steps: int = 1000
@@ -182,6 +192,7 @@ class TrainerConfig:
     devices: Any = 1
     strategy: str = "auto"       # Lightning's (auto, ddp, ...) or deepspeed_stage_1|2|3 (docs/distributed.md)
     num_nodes: int = 1           # hosts of a multi-node run (Lightning's num_nodes; launched by torchrun or SLURM)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     precision: str = "auto"      # auto = bf16-mixed on CUDA, 32-true on CPU
     log_every: int = 10
@@ -452,6 +463,7 @@ def validate(r: Recipe, source: str) -> None:
         bad("trainer.subtree_level", f"must be in [0, {r.index.router.levels}] (0 = auto; the tree has "
                                    f"index.router.levels={r.index.router.levels}), got {r.trainer.subtree_level}")
     _validate_deepspeed(r, bad)
+    _validate_ddp(r.trainer, bad)
     if r.trainer.subtree_nodes < 0:
         bad("trainer.subtree_nodes", f"must be >= 0 (0 = trainer.num_nodes), got {r.trainer.subtree_nodes}")
     if r.trainer.subtree_ranks < 0:
@@ -504,6 +516,25 @@ def _validate_deepspeed(r: Recipe, bad) -> None:
                                       "trainer.strategy=ddp")
     if t.compile:
         bad("trainer.compile", "not supported with DeepSpeed in hmlm (the engine wraps the module); use false")
+
+
+def _validate_ddp(t: TrainerConfig, bad) -> None:
+    d = t.ddp
+    if d.grad_reduce not in ("fp32", "bf16"):
+        bad("trainer.ddp.grad_reduce", f"got {d.grad_reduce!r}, expected fp32 or bf16")
+    if not d.bucket_mb > 0:
+        bad("trainer.ddp.bucket_mb", f"must be > 0 (MiB of gradient per all-reduce bucket), got {d.bucket_mb}")
+    if t.strategy == "ddp":
+        return
+    # hmlm builds the DDP strategy (buckets, views) and its comm hook only for an explicit trainer.strategy=ddp; a
+    # setting that would be silently ignored is refused instead
+    defaults = DDPConfig()
+    for key in ("grad_reduce", "bucket_mb", "bucket_view"):
+        if getattr(d, key) != getattr(defaults, key):
+            fix = ("use trainer.deepspeed.grad_reduce / trainer.deepspeed.bucket_mb under DeepSpeed"
+                   if t.strategy in DEEPSPEED_STRATEGIES else "set trainer.strategy=ddp")
+            bad(f"trainer.ddp.{key}", f"{getattr(d, key)!r} applies only to trainer.strategy=ddp (got "
+                                      f"trainer.strategy={t.strategy!r}); {fix}")
 
 
 def _validate_budget_and_io(r: Recipe, bad) -> None:

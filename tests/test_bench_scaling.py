@@ -45,6 +45,7 @@ def test_scaling_bench_on_two_cpu_processes(tiny_recipe, tmp_path):
     sub, rep = by[("subtree", 2)], by[("replicated", 2)]
     anchor_bytes = sub["anchor_bytes_per_step"]
     assert anchor_bytes > 0 and rep["anchor_bytes_per_step"] == anchor_bytes == sub["anchor_grad_bytes"]
+    assert all(r["grad_reduce"] == "fp32" for r in rows)
     assert sub["bank_bytes_per_step"] == 0 and sub["plan_level"] == 1
     assert rep["bank_bytes_per_step"] == rep["bank_params"] * 4
     assert sub["bank_params_per_rank"] * 2 == sub["bank_params"] == rep["bank_params_per_rank"]
@@ -54,6 +55,17 @@ def test_scaling_bench_on_two_cpu_processes(tiny_recipe, tmp_path):
     assert sorted(r["profile"]["table"] for r in rows) == sorted(
         f"ddp_{m}_world{w}.txt" for m in ("subtree", "replicated") for w in (1, 2))
     assert all((tmp_path / "prof" / r["profile"]["table"]).read_text().startswith("profile of ") for r in rows)
+
+
+def test_scaling_bench_reduces_the_anchor_in_bf16(tiny_recipe, tmp_path):
+    """trainer.ddp reaches the bench's DDP as it reaches `hmlm fit`'s: bf16 reduction sends half the anchor's bytes."""
+    recipe = tiny_recipe(**{"index.router.branching": 2, "trainer.batch_size": 2, "data.seq_len": 16,
+                            "trainer.subtree_level": 1, "trainer.strategy": "ddp", "trainer.ddp.grad_reduce": "bf16"})
+    (row,) = run_scaling(recipe, vocab_size=128, worlds=[2], modes=["subtree"], steps=2, warmup=1,
+                         profile=tmp_path / "prof")
+    assert row["grad_reduce"] == "bf16" and row["tokens_per_s"] > 0
+    assert row["profile"]["table"] == "ddp_bf16_subtree_world2.txt"  # beside, not over, the fp32 row's table
+    assert row["anchor_bytes_per_step"] * 2 == row["anchor_grad_bytes"]
 
 
 def test_scaling_bench_shared_blocks_and_deepspeed(tiny_recipe, tmp_path):

@@ -17,7 +17,7 @@ def test_gpu_ds_script_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     times = (tmp_path / "times.txt").read_text()
-    for name in ("160m_ddp", "160m_deepspeed_stage_1", "160m_deepspeed_stage_2", "1.4b_deepspeed_stage_2"):
+    for name in ("160m_ddp", "160m_ddp_bf16", "160m_deepspeed_stage_1", "160m_deepspeed_stage_2", "1.4b_deepspeed_stage_2"):
         assert f"== {name}: exit 0" in times
     # the 1.4B configuration: a 21.1B bank, a quarter per rank on 4 GPUs (level-1 subtrees, k=16)
     log = (tmp_path / "1.4b_deepspeed_stage_2.log").read_text()

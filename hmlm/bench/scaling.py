@@ -78,7 +78,8 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, str
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ..model import MemoryLM, build_anchor, build_layout, build_store
-    from ..train.affine import BankSync, CommCounter, counting_allreduce_hook, plan_subtrees
+    from ..train.affine import BankSync, CommCounter, plan_subtrees
+    from ..train.ddp import ddp_kwargs, register_anchor_hook
 
     cuda = torch.cuda.is_available()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -111,9 +112,11 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, str
     if deepspeed:
         wrapped = _anchor_engine(anchor, opt, recipe, strategy, rank, cuda)
     else:
-        wrapped = DDP(anchor, device_ids=[rank] if cuda else None) if world > 1 else anchor
+        # trainer.ddp as `hmlm fit` applies it: buckets, gradient views, the reduction dtype (and the bytes counted)
+        wrapped = DDP(anchor, device_ids=[rank] if cuda else None, **ddp_kwargs(recipe.trainer.ddp)) \
+            if world > 1 else anchor
         if world > 1:
-            wrapped.register_comm_hook(counter, counting_allreduce_hook)
+            register_anchor_hook(wrapped, recipe.trainer.ddp, counter)
     model = MemoryLM(wrapped, layout, store)
     bank_grad = None
     if mode == "replicated" and world > 1:
@@ -166,12 +169,15 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, str
     anchor_bytes = counter.anchor_bytes
     timed_bank_bytes = bank_bytes + (sync.counter.shared_bytes if sync is not None else 0)
     prof = None
+    grad_reduce = recipe.trainer.deepspeed.grad_reduce if deepspeed else recipe.trainer.ddp.grad_reduce
     if profile is not None:  # after the timing; every rank steps (the collectives need them), rank 0 is profiled
         if rank == 0:
             from .profile import profile_steps
 
+            # a non-default DDP reduction gets its own table (beside the fp32 row's of the same world size)
+            variant = f"_{grad_reduce}" if not deepspeed and grad_reduce != "fp32" else ""
             prof = profile_steps(lambda i: step(), steps=3, device=device, out_dir=Path(profile),
-                                 name=f"{strategy}_{mode}_world{world}")
+                                 name=f"{strategy}{variant}_{mode}_world{world}")
         else:
             for _ in range(3):
                 step()
@@ -180,6 +186,8 @@ def _worker(rank: int, world: int, recipe_dict: dict, vocab: int, mode: str, str
     if rank == 0:
         Path(out).write_text(json.dumps({
             "mode": mode, "strategy": strategy, "world": world,
+            # the anchor's reduction dtype: trainer.ddp.grad_reduce under DDP, trainer.deepspeed.grad_reduce otherwise
+            "grad_reduce": grad_reduce,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "batch_per_rank": b, "seq_len": t, "steps": steps, "step_ms": round(1000 * seconds / steps, 2),
             "tokens_per_s": round(steps * b * t * world / seconds, 1),
@@ -272,9 +280,9 @@ def run_scaling(recipe: Recipe, *, vocab_size: int, worlds: list[int], modes: li
     return rows
 
 
-REPORT_COLUMNS = ("strategy", "mode", "world", "paths", "step_ms", "tokens_per_s", "scaling_efficiency",
-                  "anchor_bytes_per_step", "bank_bytes_per_step", "bank_params_per_rank", "bank_bytes_per_rank",
-                  "plan_level", "plan_imbalance", "peak_gpu_gb")
+REPORT_COLUMNS = ("strategy", "grad_reduce", "mode", "world", "paths", "step_ms", "tokens_per_s",
+                  "scaling_efficiency", "anchor_bytes_per_step", "bank_bytes_per_step", "bank_params_per_rank",
+                  "bank_bytes_per_rank", "plan_level", "plan_imbalance", "peak_gpu_gb")
 
 
 def write_report(row_files: list[Path], markdown: Path, merged: Path, *, title: str) -> list[dict[str, Any]]:

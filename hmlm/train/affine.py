@@ -269,6 +269,7 @@ class SubtreeSampler(Sampler[int]):
 class CommCounter:
     """What a rank sent through all-reduce: anchor gradient buckets (DDP), shared bank blocks, clip-norm scalars."""
 
+    anchor_reduce: str = "fp32"  # the anchor buckets' dtype on the wire (trainer.ddp.grad_reduce; hmlm.train.ddp)
     anchor_bytes: int = 0
     anchor_calls: int = 0
     shared_bytes: int = 0
@@ -278,16 +279,6 @@ class CommCounter:
 
     def as_dict(self) -> dict:
         return dict(vars(self))
-
-
-def counting_allreduce_hook(state, bucket):  # unannotated: DDP rejects the string annotations of this module
-    """DDP comm hook (state: CommCounter, bucket: dist.GradBucket): DDP's own mean all-reduce, counting bucket bytes."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    buf = bucket.buffer()
-    state.anchor_bytes += buf.numel() * buf.element_size()
-    state.anchor_calls += 1
-    return allreduce_hook(None, bucket)  # type: ignore[arg-type]
 
 
 class BankSync:
@@ -356,15 +347,3 @@ class BankSync:
         self.counter.norm_calls += 1
         return sq.sqrt().reshape(()).float()
 
-
-def subtree_ddp_strategy():
-    """Lightning's DDP, except that a module with no trainable parameter (a frozen anchor, trainer.mode=memory) is
-    not wrapped: plain DDP refuses such a module, and there is nothing of the anchor to all-reduce."""
-    from lightning.pytorch.strategies import DDPStrategy
-
-    class SubtreeDDPStrategy(DDPStrategy):
-        def configure_ddp(self) -> None:
-            if any(p.requires_grad for p in self.model.parameters()):
-                super().configure_ddp()
-
-    return SubtreeDDPStrategy()

@@ -256,10 +256,11 @@ def _trainer(recipe: Recipe, state: RunState, first_callbacks: list[Any], run: R
     strategy: Any = t.strategy
     precision = precision_for(recipe)
     on_saved = run.commit if run is not None else None
-    if t.data_parallel == "subtree" and strategy == "ddp":
-        from .affine import subtree_ddp_strategy
+    if strategy == "ddp":
+        from .ddp import build_ddp_strategy
 
-        strategy = subtree_ddp_strategy()  # also runs a frozen anchor (DDP proper refuses a module it can't train)
+        # trainer.ddp's buckets; under subtree it also runs a frozen anchor (DDP proper refuses a module it can't train)
+        strategy = build_ddp_strategy(recipe)
     elif is_deepspeed(strategy):
         from .deepspeed import build_strategy, lightning_precision
 

@@ -147,11 +147,12 @@ class HMLMModule(L.LightningModule):
         if self.model.store is not None:
             self.model.store.to_compute(self.device)
         ddp = getattr(self.trainer.strategy, "model", None)
-        if self.comm_counter is not None and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-            from .affine import counting_allreduce_hook
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and self._world()[1] > 1:
+            from .ddp import register_anchor_hook
 
-            # DDP's own mean all-reduce, counted: it carries the anchor and nothing else (the bank is no parameter)
-            ddp.register_comm_hook(self.comm_counter, counting_allreduce_hook)
+            # DDP's mean all-reduce of the anchor (the bank is no parameter), in trainer.ddp.grad_reduce's dtype and,
+            # under subtree parallelism, counted for rank.json
+            register_anchor_hook(ddp, self.recipe.trainer.ddp, self.comm_counter)
 
     def on_train_start(self) -> None:
         self._segment_start = self.global_step  # after a resume: the steps this process ran, for rank.json
@@ -280,9 +281,11 @@ class HMLMModule(L.LightningModule):
             with atomic_write_path(path) as tmp:
                 save_file({k: v.detach().cpu().contiguous() for k, v in store.state_dict().items()}, str(tmp))
             checkpoint["hmlm_bank_ranks"] = {"step": self.global_step, "world": world}
-        elif store is not None:
+        elif store is not None and self._world()[0] == 0:
             # the bank is not pickled into the checkpoint: per-level files beside it (docs/design.md §6), written
-            # before Lightning writes the checkpoint that names them
+            # before Lightning writes the checkpoint that names them. Only rank 0's: Lightning writes only rank 0's
+            # checkpoint, and replicated ranks writing the same files at once would tear them (a resume then loads
+            # rank 0's bank on every rank)
             rel = f"bank/step-{self.global_step:06d}"
             manifest = store.save_checkpoint(self._bank_checkpoint_dir(rel), self.global_step)
             checkpoint["hmlm_bank_checkpoint"] = {"dir": rel, "manifest": manifest}
