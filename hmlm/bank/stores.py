@@ -68,21 +68,27 @@ def bounded_map(fn, items: Iterable, workers: int) -> Iterator:
 
 
 class _GatherRows(torch.autograd.Function):
-    """table[index] for a few huge rows (table [U, P] with P in the millions, index [B]), whose backward sums the rows'
-    gradients in float32 (one index_add_) and rounds once to the table's dtype. F.embedding computes the same, but its
-    backward is built for many short rows: 3.8 ms per step for 8 samples of the 160M bank's 18M values on an H100."""
+    """table[index] for a few huge rows (table [U, P] with P in the millions, index [B]) whose backward sums the rows'
+    gradients in float32 and rounds once to the table's dtype. F.embedding computes the same, but its backward is
+    built for many short rows (3.8 ms per step for 8 samples of the 160M bank's 18M values on an H100); index_add_
+    serialises on atomics when many samples share a row (a small bank's level 1). A bf16 table's gradient is instead
+    one matmul with the [U, B] one-hot (float32 accumulation, deterministic); a float32 table's stays index_add_
+    (a float32 matmul may run in TF32)."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(index)
-        ctx.rows, ctx.dtype = table.shape[0], table.dtype
+        ctx.rows = table.shape[0]
         return table.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (index,) = ctx.saved_tensors
-        total = torch.zeros(ctx.rows, grad.shape[1], dtype=torch.float32, device=grad.device)
-        return total.index_add_(0, index, grad.float()).to(ctx.dtype), None
+        if grad.dtype in (torch.bfloat16, torch.float16):
+            one_hot = torch.zeros(ctx.rows, index.shape[0], dtype=grad.dtype, device=grad.device)
+            one_hot[index, torch.arange(index.shape[0], device=grad.device)] = 1
+            return one_hot @ grad, None
+        return torch.zeros(ctx.rows, grad.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, index, grad), None
 
 
 @dataclass
