@@ -98,6 +98,18 @@ def test_fetch_in_compute_dtype_is_layer_major_and_accumulates_gradients_in_floa
         torch.testing.assert_close(lo_grad[key], hi_grad[key], rtol=1e-2, atol=1e-2)
 
 
+def test_unique_passes_never_repeat_a_row():
+    from hmlm.bank.stores import _unique_passes
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 5, 16):
+        index = torch.randint(0, 3, (n,), generator=g)
+        passes = _unique_passes(index)
+        assert sorted(torch.cat(passes).tolist()) == list(range(n))          # every position exactly once
+        assert all(len(set(index[p].tolist())) == len(p) for p in passes)   # no row twice within a pass
+        assert len(passes) == int(torch.bincount(index).max())
+
+
 def _train_step(model, ids, paths, lr=1e-2, generic_mask=None):
     logits = model(ids, paths=paths, memory="fetched", grad_memory=True, generic_mask=generic_mask)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten())
