@@ -99,9 +99,13 @@ class _GatherRows(torch.autograd.Function):
         if len(ctx.passes) == 1:
             total.index_add_(0, index, grad.float())
         else:
+            # one float32 copy of the gradient with its rows in pass order; each pass adds a contiguous slice of it
+            order = to_device(torch.cat(ctx.passes), grad.device)
+            ordered, rows, start = grad.index_select(0, order).float(), index.index_select(0, order), 0
             for positions in ctx.passes:
-                positions = to_device(positions, grad.device)
-                total.index_add_(0, index.index_select(0, positions), grad.index_select(0, positions).float())
+                end = start + len(positions)
+                total.index_add_(0, rows[start:end], ordered[start:end])
+                start = end
         return total.to(grad.dtype), None, None
 
 
