@@ -11,9 +11,10 @@
 
 and records them in model.json under `eval_data`. The mentions/ folder is the index's own copy (`hmlm index` stores
 it, so an index carried without its corpus still exports it); an index made before that has its folder built from
-the corpus at export, while the corpus is still where `hmlm index` read it. A model directory written before this (no `eval_data`) or the live
-model of the training callback (whose "directory" is the index) reads the same files from the index: the recorded
-index path as is, then the index's folder name beside the model directory (`runs/x/model` -> `runs/x/index`).
+the corpus at export, while the corpus is still where `hmlm index` read it. A model directory written before this
+(no `eval_data`) or the live model of the training callback (whose "directory" is the index) reads the same files
+from the index: the recorded index path as is, then the index's folder name beside the model directory
+(`runs/x/model` -> `runs/x/index`).
 What is missing is reported once per model, with what it costs (`heldout_missing`, `mentions_missing`).
 """
 from __future__ import annotations
