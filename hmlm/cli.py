@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--removal-share", type=float, default=None, metavar="X",
                    help="block the level's node holding the most of the entity's training mentions and every node "
                         "holding >= X of them (default 0.1)")
+    p.add_argument("--removal-rule", default=None, choices=("mentions", "route"),
+                   help="which nodes to block: mentions (default: those holding the entity's training mentions) or "
+                        "route (those its own items are routed to: the paper's best-matching part of the bank)")
     p.add_argument("--removal-entities", type=int, default=None, metavar="N",
                    help="measure N entities spread over the ranking by training mentions (default: all)")
 

@@ -151,11 +151,24 @@ def test_eval_removal_command_writes_json_markdown_and_png(tiny_model_dir, tmp_p
     assert (out / "removal.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_route_rule_blocks_where_the_entitys_own_items_go(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tiny_model_dir), "--removal", "--removal-rule", "route", "--limit", "4",
+                 "--removal-levels", "3", "--removal-entities", "2", "--out", str(out)]) == 0
+    model = json_load(out / "removal.json")["models"][0]
+    assert model["rule"] == "route" and model["entities_measured"] == 2
+    for entity in model["entities"]:
+        removed = entity["levels"]["3"]["removed"]
+        assert removed["rerouted"] == removed["n"] > 0   # every own item loses the leaf it fetched
+    assert "rule `route`" in (out / "removal.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--removal", "--memory", "fetched"], "leave out --memory"),
     (["--removal", "--removal-levels", "4"], "levels 1..3"),
     (["--removal", "--removal-share", "0"], "--removal-share"),
     (["--removal-entities", "3"], "only go with --removal"),
+    (["--removal-rule", "route"], "only go with --removal"),
     (["--removal", "--tasks", "hmlm_heldout_lastword"], "declares the entity"),
 ])
 def test_bad_removal_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsys, args, message):

@@ -5,6 +5,9 @@ items' entity, hmlm.eval.entities) and each measured tree level:
   1. the block: the nodes of that level that hold its training mentions, by `hmlm.knowledge.removal_nodes` (the node
      holding the most of them, plus every node holding >= --removal-share of them), read from the model
      directory's mentions/ (word index + each training document's path);
+     With `--removal-rule route` instead: the nodes of that level its own items are routed to (the paper's
+     "best-matching" part of the bank; it tells whether what the items fetch holds the fact, wherever the
+     entity's documents went);
   2. the entity's own items are scored with the memory fetched, fetched with those nodes blocked
      (`blocked:<level>:<node>[+...]`: descent falls back to the nearest unblocked sibling) and with no memory;
   3. the control: every other entity's items are scored under the same block; they should keep their fetched
@@ -40,6 +43,7 @@ from rich.table import Table
 from . import EvalError
 
 MODES = ("fetched", "blocked", "none")
+RULES = ("mentions", "route")
 DEFAULT_TASKS = ("hmlm_atomic_number",)   # the paper's removal task
 
 
@@ -47,6 +51,7 @@ DEFAULT_TASKS = ("hmlm_atomic_number",)   # the paper's removal task
 class RemovalOptions:
     levels: tuple[int, ...] = ()          # 1-based levels to block at (empty: every level of the tree)
     min_share: float = 0.1                # block every node of the level holding >= this share of the mentions
+    rule: str = "mentions"                # mentions: nodes holding its training mentions; route: its items' nodes
     entities: int | None = None           # at most this many entities, spread over the mention ranking
 
 
@@ -65,7 +70,10 @@ def removal_options(args) -> RemovalOptions:
                         "entity's training mentions)")
     if args.removal_entities is not None and args.removal_entities < 1:
         raise EvalError(f"--removal-entities {args.removal_entities}: must be >= 1")
-    return RemovalOptions(levels=levels, min_share=share, entities=args.removal_entities)
+    rule = args.removal_rule or RemovalOptions.rule
+    if rule not in RULES:
+        raise EvalError(f"--removal-rule {rule!r}: expected {' or '.join(RULES)}")
+    return RemovalOptions(levels=levels, min_share=share, entities=args.removal_entities, rule=rule)
 
 
 @dataclass
@@ -219,6 +227,7 @@ def measure(loaded, task_dict: dict, data, counter, opts: RemovalOptions, *, lim
 
     keys = [it.key for it in items]
     base = loaded.route(keys)
+    own = {k: [i for i, it in enumerate(items) if it.entity == k] for k in chosen}
     scored: dict[str, dict[tuple[str, int], tuple[float, float | None]]] = {}   # block set -> rescored items
     rerouted: dict[str, set[tuple[str, int]]] = {}
     per_entity = {k: {"entity": k, "name": by_entity[k][0].name, "mentions": mentions[k], "items": len(by_entity[k]),
@@ -227,7 +236,10 @@ def measure(loaded, task_dict: dict, data, counter, opts: RemovalOptions, *, lim
     with Progress(console=console, disable=not progress, transient=True) as bar:
         task_id = bar.add_task("removal: block sets", total=len(jobs))
         for lv, k in jobs:
-            nodes = removal_nodes(hits[k], lv, opts.min_share)
+            if opts.rule == "route":
+                nodes = route_nodes(hits[k], lv, {int(base[i, lv - 1]) for i in own[k]})
+            else:
+                nodes = removal_nodes(hits[k], lv, opts.min_share)
             spec = blocked_memory(nodes)
             if spec not in scored:
                 paths = loaded.route(keys, blocked=[(h.level - 1, h.node) for h in nodes])
@@ -236,17 +248,28 @@ def measure(loaded, task_dict: dict, data, counter, opts: RemovalOptions, *, lim
                             max_gen_toks=max_gen_toks)
                 scored[spec] = {i: (ok, ll) for i, (ok, ll, _) in got.items()}
                 rerouted[spec] = moved
-            total = sum(h.mentions for h in hits[k] if h.level == lv)
+            total = max(1, sum(h.mentions for h in hits[k] if h.level == lv))
             per_entity[k]["levels"][str(lv)] = _entity_row(
                 items, k, spec, scored[spec], rerouted[spec],
                 nodes=[{"node": h.node, "mentions": h.mentions, "share": round(h.mentions / total, 4),
                         "documents": h.documents, "node_documents": h.node_documents} for h in nodes])
             bar.advance(task_id)
-    return {"levels": list(levels), "min_share": opts.min_share, "entities_measured": len(chosen),
+    return {"levels": list(levels), "rule": opts.rule, "min_share": opts.min_share,
+            "entities_measured": len(chosen),
             "entities_with_mentions": len(ranked), "left_out": {k: sorted(v) for k, v in left_out.items()},
             "items": len(items), "block_sets": len(scored),
             "summary": {str(lv): summarize([e["levels"][str(lv)] for e in per_entity.values()]) for lv in levels},
             "entities": list(per_entity.values())}
+
+
+def route_nodes(hits: Sequence, level: int, routed: set[int]) -> list:
+    """The `--removal-rule route` block: the nodes of `level` the entity's own items are routed to, with the entity's
+    training mentions in each (NodeHits from its `entity_nodes`; zero counts for a node none of its documents is
+    in)."""
+    from ..knowledge import NodeHits
+
+    known = {h.node: h for h in hits if h.level == level}
+    return [known.get(n, NodeHits(level, n, 0, 0, 0)) for n in sorted(routed)]
 
 
 def _entity_row(items: list[Item], entity: str, spec: str, rescored: dict, moved: set, *, nodes: list) -> dict:
@@ -309,6 +332,8 @@ def run_removal(opts, console: Console | None = None) -> dict:
     from .report import _cuda, _labels, load_tasks, task_manager
 
     console = console or Console()
+    if not console.is_terminal and console.width < 160:
+        console.width = 160   # a log file or pipe has no width; rich would fold the table into 80 columns
     t0 = time.perf_counter()
     paths = [Path(m) for m in opts.models]
     out_dir = Path(opts.out) if opts.out else paths[0].resolve().parent / "eval"
@@ -376,9 +401,10 @@ def summary_rows(report: dict) -> list[list[str]]:
 
 def markdown(report: dict) -> str:
     r = report["removal"]
+    rule = (f"the node holding most of its training mentions plus every node holding >= {r['min_share']:.0%} of "
+            "them" if r["rule"] == "mentions" else "the nodes its own items are routed to")
     lines = [f"# Knowledge removal ({', '.join(report['tasks'])})", "",
-             f"Block per entity and level: the node holding most of its training mentions plus every node holding >= "
-             f"{r['min_share']:.0%} of them. Accuracy (%) and mean log p(answer) of the removed entity's items and, "
+             f"Block per entity and level (rule `{r['rule']}`): {rule}. Accuracy (%) and mean log p(answer) of the removed entity's items and, "
              "under the same block, of the other entities' items; `rerouted`: items whose path the block changed; "
              "`known kept`: items right with the memory fetched that are still right under the block.", ""]
     lines += ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
