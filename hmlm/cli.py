@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", required=True, metavar="DIR", help="model directory (repeatable)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or tags (default: the hmlm "
                    "fact tasks and hmlm_heldout_lastword; see evals/tasks)")
-    p.add_argument("--memory", default="fetched,generic,none",
-                   help="comma-separated modes: fetched, generic, none, blocked:<level>:<node>")
+    p.add_argument("--memory", default=None,
+                   help="comma-separated modes: fetched, generic, none, blocked:<level>:<node> (default: "
+                        "fetched,generic,none)")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -68,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder-path", default=None, metavar="DIR",
                    help="route with this copy of the embedder (from `hmlm embedder export`; `package` = the pip "
                         "package) instead of the one recorded in each model's recipe")
+    p.add_argument("--removal", action="store_true",
+                   help="knowledge removal instead: per entity of the tasks (default hmlm_atomic_number), block the "
+                        "nodes holding its training mentions and score its items and the other entities' items with "
+                        "the memory fetched / blocked / none (removal.json, removal.md, removal.png)")
+    p.add_argument("--removal-levels", default=None, metavar="L,...",
+                   help="tree levels to block at, from 1 (default: every level, one table row each)")
+    p.add_argument("--removal-share", type=float, default=None, metavar="X",
+                   help="block the level's node holding the most of the entity's training mentions and every node "
+                        "holding >= X of them (default 0.1)")
+    p.add_argument("--removal-rule", default=None, choices=("mentions", "route"),
+                   help="which nodes to block: mentions (default: those holding the entity's training mentions) or "
+                        "route (those its own items are routed to: the paper's best-matching part of the bank)")
+    p.add_argument("--removal-entities", type=int, default=None, metavar="N",
+                   help="measure N entities spread over the ranking by training mentions (default: all)")
 
     p = sub.add_parser("generate", help="continue prompts with a trained model: route, fetch memory, decode with the "
                        "key/value cache, stream the text")

@@ -8,6 +8,9 @@ The index directory is written atomically (built in a temp dir, renamed at the e
     node_stats.safetensors  per level: documents and tokens routed to each node (training split)
     tokenizer/              tokenizer.json + meta
     shards/                 train-*.safetensors, val-*.safetensors: packed sequences with doc ids and paths
+    mentions/               the training split's word index and document paths (+ the bundled corpus's recorded
+                            repeat counts), copied into every model directory (hmlm.eval.mentions): entity counts
+                            and `hmlm inspect --entity` work wherever the index goes, with or without its corpus
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from .data.corpus import read_corpus
 from .data.packing import pack_by_leaf, write_shards
 from .data.tokenizer import Tokenizer, build_tokenizer
 from .embedders import fingerprint_fields as embedder_fingerprint
+from .eval.mentions import FACTS_FILE, MENTIONS_DIR, training_split_mentions, write_mention_dir
 from .plugin_config import create
 from .utils import (FileLock, atomic_dir, read_json_artifact, recover_atomic_dir, sha256_file, verify_checksums, versions,
                     write_json)
@@ -248,6 +252,8 @@ def build_index(recipe: Recipe, console: Console) -> Path:
                                     "path": paths[i].tolist(), "tokens": int(n_tokens[i])}) + "\n")
         for name in ("tree.safetensors", "node_stats.safetensors", "documents.jsonl"):
             sums[name] = sha256_file(tmp / name)
+        mentions_entry = _write_mentions(tmp, src, recipe, [texts[i] for i in train_idx], paths[train_idx],
+                                         int(n_tokens[train_idx].sum()), sums)
         for p in sorted((tmp / "tokenizer").iterdir()):
             sums[f"tokenizer/{p.name}"] = sha256_file(p)
         meta = {
@@ -264,6 +270,7 @@ def build_index(recipe: Recipe, console: Console) -> Path:
                        "train_tokens": int(n_tokens[train_idx].sum()), "val_tokens": int(n_tokens[is_val].sum()),
                        "train_sequences": seq_counts["train"], "val_sequences": seq_counts["val"]},
             "shards": shards,
+            "mentions": mentions_entry,
             "seq_len": recipe.data.seq_len,
             "checksums": sums,
             "versions": versions(),
@@ -276,6 +283,24 @@ def build_index(recipe: Recipe, console: Console) -> Path:
                   f"of {recipe.data.seq_len} tokens, {c['train_tokens']:,} train tokens, vocab "
                   f"{tokenizer.vocab_size:,} ({meta['build_seconds']} s)")
     return out
+
+
+def _write_mentions(tmp: Path, corpus: Path, recipe: Recipe, train_texts: list[str], train_paths: np.ndarray,
+                    train_tokens: int, sums: dict[str, str]) -> dict[str, Any]:
+    """The index's mentions/ folder (hmlm.eval.mentions); returns index.json's `mentions` entry: where the word index
+    is, or why there is none (a training split larger than MAX_WORDS)."""
+    mentions, why = training_split_mentions(train_texts, train_tokens)
+    facts = corpus.parent / FACTS_FILE
+    # repeat counts describe the whole bundled corpus: a max_docs subset states fewer sentences
+    facts = facts if facts.is_file() and not recipe.data.max_docs else None
+    if mentions is None and facts is None:
+        return {"missing": why}
+    written = write_mention_dir(tmp / MENTIONS_DIR, mentions, train_paths if mentions is not None else None, facts)
+    sums.update({f"{MENTIONS_DIR}/{name}": digest for name, digest in written.items()})
+    entry: dict[str, Any] = {"dir": MENTIONS_DIR, "recorded_counts": facts is not None}
+    if mentions is None:
+        return {**entry, "missing": why}
+    return {**entry, "words": mentions.n_words, "documents": mentions.n_documents}
 
 
 def _node_stats(paths: np.ndarray, n_tokens: np.ndarray, k: int) -> dict[str, np.ndarray]:

@@ -9,7 +9,8 @@ sorted, beside the documents per node.
 The report is built by `collect` (a plain dict) and shown by `render`; `inspect_from_args` is the command.
 
 `--entity NAME` instead lists the tree nodes whose training documents mention NAME, with counts (hmlm.knowledge,
-from the model directory's mentions/), and the `--memory blocked:<level>:<node>` that removes it; `--text TEXT`
+from the model directory's mentions/), and per level the `--memory blocked:...` that removes it (the rule of
+`hmlm.knowledge.removal_nodes`, the one `hmlm eval --removal` measures); `--text TEXT`
 shows the path TEXT routes to, each node's training documents and the leaf's documents nearest to it.
 """
 from __future__ import annotations
@@ -136,7 +137,7 @@ def entity_report(model_dir: Path, names: list[str], console, top: int = 5) -> d
     """`--entity NAME`: per level, the nodes whose training documents mention NAME (top `top` by documents)."""
     from rich.table import Table
 
-    from .knowledge import entity_nodes, eval_data_of
+    from .knowledge import DEFAULT_REMOVAL_SHARE, blocked_memory, entity_nodes, eval_data_of, removal_nodes
 
     hits = entity_nodes(eval_data_of(model_dir), names)
     label = " / ".join(names)
@@ -156,22 +157,15 @@ def entity_report(model_dir: Path, names: list[str], console, top: int = 5) -> d
         if len(of_level) > top:
             t.add_row(str(level), f"+{len(of_level) - top} more", "", "", "", "")
     console.print(t)
-    best = removal_node(hits)
-    console.print(f"to remove it: hmlm generate --model {model_dir} --memory blocked:{best.level}:{best.node} "
-                  f"\"<prompt>\"  (node {best.level}:{best.node}: {best.documents:,} of its {best.node_documents:,} "
-                  "training documents mention it)", highlight=False, soft_wrap=True)
-    return {"entity": names, "nodes": [vars(h) for h in hits]}
-
-
-def removal_node(hits: list) -> Any:
-    """The node to block to remove an entity: among nodes whose training documents mostly (>= half) mention it, the
-    one holding the most of them (the shallowest on a tie: it takes the whole subtree); else the node with the most
-    mentioning documents at the deepest level."""
-    mostly = [h for h in hits if 2 * h.documents >= h.node_documents]
-    if mostly:
-        return min(mostly, key=lambda h: (-h.documents, h.level, h.node))
-    deepest = max(h.level for h in hits)
-    return next(h for h in hits if h.level == deepest)
+    removal = {}
+    for level in sorted({h.level for h in hits}):
+        memory = blocked_memory(removal_nodes(hits, level))
+        removal[level] = memory
+        console.print(f"to remove it at level {level}: hmlm generate --model {model_dir} --memory {memory} "
+                      f"\"<prompt>\"", highlight=False, soft_wrap=True)
+    console.print(f"(the nodes of the level holding the most of its training mentions, plus any holding >= "
+                  f"{DEFAULT_REMOVAL_SHARE:.0%}; measured over a task by `hmlm eval --removal`)", highlight=False)
+    return {"entity": names, "nodes": [vars(h) for h in hits], "removal": removal}
 
 
 def text_report(model_dir: Path, text: str, console) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 the training documents' word index (`mentions/`), their tree paths (`mentions/paths.safetensors`) and the documents
 and tokens routed to each node (`node_stats.safetensors`).
 
-    entity_nodes     the nodes whose training documents mention a name, with counts (`hmlm inspect --entity`); the
-                     nodes to block for the paper's knowledge-removal test (`--memory blocked:<level>:<node>`)
+    entity_nodes     the nodes whose training documents mention a name, with counts (`hmlm inspect --entity`)
+    removal_nodes    the nodes of one level to block to remove an entity (`--memory blocked:<level>:<node>`, the
+                     paper's knowledge-removal test, measured by `hmlm eval --removal`)
     leaf_documents   the training documents routed to a path's leaf that share most words with a text (`hmlm
                      generate --show-path`)
     path_rows        per level of a path: the node and its training documents/tokens
@@ -78,6 +79,30 @@ def entity_nodes(data: EvalData, names: Sequence[str]) -> list[NodeHits]:
         for node in np.flatnonzero(docs):
             out.append(NodeHits(lvl + 1, int(node), int(docs[node]), int(counts[node]), int(totals[node])))
     return sorted(out, key=lambda h: (h.level, -h.documents, -h.mentions, h.node))
+
+
+DEFAULT_REMOVAL_SHARE = 0.1
+
+
+def removal_nodes(hits: Sequence[NodeHits], level: int, min_share: float = DEFAULT_REMOVAL_SHARE) -> list[NodeHits]:
+    """The nodes of `level` (1-based) to block to remove an entity, from its `entity_nodes`: the node holding the most
+    of its training mentions, and every other node of the level holding at least `min_share` of them (mentions in
+    the node's training documents / all its training mentions; ties: more mentioning documents, then the lower
+    id). Empty when no training document mentions it. Blocking a node masks its subtree, so the deeper levels'
+    blocks under it are never fetched either; levels above it are still fetched (their blocks are shared with the
+    node's siblings)."""
+    if not 0 < min_share <= 1:
+        raise ValueError(f"min_share must be in (0, 1], got {min_share}")
+    of_level = sorted((h for h in hits if h.level == level), key=lambda h: (-h.mentions, -h.documents, h.node))
+    total = sum(h.mentions for h in of_level)
+    return [h for i, h in enumerate(of_level) if i == 0 or h.mentions >= min_share * total]
+
+
+def blocked_memory(nodes: Sequence[NodeHits]) -> str:
+    """The `--memory` argument that blocks `nodes` (hmlm.eval.memory_spec): blocked:<level>:<node>[+...]."""
+    if not nodes:
+        raise ValueError("blocked_memory: no node to block")
+    return "blocked:" + "+".join(f"{h.level}:{h.node}" for h in nodes)
 
 
 def leaf_documents(data: EvalData, path: Sequence[int], text: str, k: int = 3) -> list[dict[str, Any]]:

@@ -93,3 +93,66 @@ def test_cli_inspect_entity_without_mentions_is_a_one_line_error(tiny_model_dir,
     assert main(["inspect", str(copy), "--entity", "Hafnium"]) == 2
     err = capsys.readouterr().err
     assert "mentions" in err and "Traceback" not in err
+
+
+def test_an_index_carried_without_its_corpus_exports_its_mentions(tiny_recipe, small_corpus, tmp_path, capsys):
+    """`hmlm index` stores the mention index and training paths, so a model fitted from an index whose corpus is
+    gone (carried to another machine) still has mentions/, and `hmlm inspect --entity` works on it."""
+    import shutil
+
+    from hmlm.cli import main
+    from hmlm.index import ensure_index, read_index_meta
+    from hmlm.train.fit import fit
+
+    corpus = tmp_path / "corpus" / "small.jsonl"
+    corpus.parent.mkdir()
+    shutil.copyfile(small_corpus, corpus)
+    recipe = tiny_recipe(**{"data.corpus": str(corpus), "trainer.max_steps": 2})
+    index = ensure_index(recipe, progress=False)
+    meta = read_index_meta(index)
+    assert meta["mentions"]["documents"] == meta["counts"]["documents"] - meta["counts"]["val_documents"]
+    assert {"mentions/words.safetensors", "mentions/vocab.txt", "mentions/paths.safetensors"} <= set(meta["checksums"])
+    corpus.unlink()
+    model = Path(fit(recipe, progress=False, final_eval=False)["model_dir"])
+    entry = json.loads((model / "model.json").read_text())["eval_data"]
+    assert entry["mentions"]["documents"] == meta["mentions"]["documents"] and "mentions_missing" not in entry
+    docs = [(t, p) for t, p in zip(_corpus_texts(small_corpus), _index_docs(index)) if p is not None]
+    paths = eval_data_of(model).training_paths()
+    assert paths.tolist() == [p for _, p in docs]
+    word = _a_frequent_word(docs)
+    capsys.readouterr()
+    assert main(["inspect", str(model), "--entity", word]) == 0
+    assert "--memory blocked:" in capsys.readouterr().out
+
+
+def _corpus_texts(corpus: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in corpus.read_text().splitlines() if line.strip()]
+
+
+def _index_docs(index: Path) -> list[list[int] | None]:
+    """Each document's path, None for held-out ones."""
+    docs = [json.loads(line) for line in (index / "documents.jsonl").read_text().splitlines()]
+    return [d["path"] if d["split"] == "train" else None for d in docs]
+
+
+def test_an_index_made_before_indexes_stored_mentions_exports_them_from_its_corpus(tiny_model_dir, tmp_path):
+    import shutil
+
+    from hmlm.eval.mentions import MentionIndex
+    from hmlm.eval.modeldata import write_eval_data
+
+    old = tmp_path / "index"
+    shutil.copytree(tiny_model_dir.parent / "index", old)
+    shutil.rmtree(old / "mentions")
+    meta = json.loads((old / "index.json").read_text())
+    meta.pop("mentions")
+    (old / "index.json").write_text(json.dumps(meta))
+    out = tmp_path / "model"
+    out.mkdir()
+    entry, sums = write_eval_data(old, out)
+    assert entry["mentions"]["dir"] == "mentions" and "mentions/paths.safetensors" in sums
+    stored = MentionIndex.load(tiny_model_dir.parent / "index" / "mentions")
+    rebuilt = MentionIndex.load(out / "mentions")
+    assert rebuilt.vocab == stored.vocab and rebuilt.ids.tolist() == stored.ids.tolist()
+    assert ((out / "mentions" / "paths.safetensors").read_bytes()
+            == (tiny_model_dir.parent / "index" / "mentions" / "paths.safetensors").read_bytes())

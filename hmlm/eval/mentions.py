@@ -6,6 +6,17 @@ corpus and no tokenizer: a name is looked up as a sequence of word ids. Mentions
 leftmost-longest and non-overlapping within a document ("Papua New Guinea" is not also a mention of "Guinea"); a
 name shared by several keys counts for each of them.
 
+`hmlm index` writes the same folder into the index directory (`write_mention_dir`), so that an index carried to
+another machine without its corpus still gives every model trained from it its mentions:
+
+    mentions/words.safetensors   word ids of the training split, documents separated by 0
+    mentions/vocab.txt           the words, one a line (id 1 first)
+    mentions/paths.safetensors   the tree path of each training document, in the same order
+    mentions/facts_meta.json     the bundled corpus's recorded repeat counts, when the corpus has them
+
+An index built before this has no such folder: its mentions are built from the corpus at export, while the corpus
+is still where `hmlm index` read it (`index_training_split`).
+
 Size: 2 bytes per word while the vocabulary has fewer than 65,535 words, 4 beyond; the bundled corpus's 1.0M
 training words take 2.0 MB plus 0.5 MB of vocabulary. Corpora of more than MAX_WORDS words are not indexed (the
 model directory would carry a second copy of the corpus); evaluation then counts in the corpus itself while it is
@@ -169,19 +180,68 @@ def training_texts(index_dir: Path) -> Iterator[str]:
             yield doc.text
 
 
-def index_training_split(index_dir: Path) -> tuple[MentionIndex | None, str]:
-    """The mention index of an index's training split, or None and the reason it cannot be built."""
-    index_dir = Path(index_dir)
-    meta = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
-    corpus = Path(meta["corpus"])
-    if not corpus.exists():
-        return None, f"the training corpus {corpus} no longer exists"
-    tokens = int(meta.get("counts", {}).get("train_tokens", 0))
-    if tokens > MAX_TOKENS:
-        return None, (f"the training split has {tokens:,} tokens, more than the {MAX_TOKENS:,} a model directory "
-                      "indexes; counts are read from the corpus while it exists")
-    mentions = MentionIndex.from_texts(training_texts(index_dir))
+MENTIONS_DIR = "mentions"
+FACTS_FILE = "facts_meta.json"
+
+
+def training_split_mentions(texts: Iterable[str], train_tokens: int) -> tuple[MentionIndex | None, str]:
+    """The mention index of a training split's texts, or None and the reason it is not built (the split is larger
+    than a model directory indexes). `train_tokens` (from the index's counts) refuses a large split before reading."""
+    if train_tokens > MAX_TOKENS:
+        return None, (f"the training split has {train_tokens:,} tokens, more than the {MAX_TOKENS:,} a model "
+                      "directory indexes; counts are read from the corpus while it exists")
+    mentions = MentionIndex.from_texts(texts)
     if mentions.n_words > MAX_WORDS:
         return None, (f"the training split has {mentions.n_words:,} words, more than the {MAX_WORDS:,} a model "
                       "directory indexes; counts are read from the corpus while it exists")
     return mentions, ""
+
+
+def write_mention_dir(directory: Path, mentions: MentionIndex | None, paths: np.ndarray | None,
+                      facts: Path | None = None) -> dict[str, str]:
+    """Write the mentions folder (module docstring) into `directory`: the word index and the training documents'
+    paths [documents, levels] when `mentions` is given, a copy of `facts` (facts_meta.json) when it is. The one
+    writer of this folder, for the index (`hmlm index`) and for a model exported from an older index. Returns
+    {file name: sha256}."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from ..utils import sha256_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sums: dict[str, str] = {}
+    if mentions is not None:
+        if paths is None or len(paths) != mentions.n_documents:
+            raise ValueError(f"{directory}: {mentions.n_documents} training documents but "
+                             f"{None if paths is None else len(paths)} paths")
+        sums.update(mentions.save(directory))
+        save_file({"paths": np.ascontiguousarray(paths, dtype=np.int32)}, str(directory / "paths.safetensors"))
+        sums["paths.safetensors"] = sha256_file(directory / "paths.safetensors")
+    if facts is not None:
+        shutil.copyfile(facts, directory / FACTS_FILE)
+        sums[FACTS_FILE] = sha256_file(directory / FACTS_FILE)
+    return sums
+
+
+def stored_mentions(index_dir: Path) -> Path | None:
+    """The index's own mentions folder with a word index (written by `hmlm index` since it stores one), else None."""
+    folder = Path(index_dir) / MENTIONS_DIR
+    return folder if (folder / "words.safetensors").is_file() else None
+
+
+def index_training_split(index_dir: Path) -> tuple[MentionIndex | None, str]:
+    """The mention index of an index's training split: the one `hmlm index` stored, else built from the corpus (an
+    index made before indexes stored it), else None and the reason."""
+    index_dir = Path(index_dir)
+    stored = stored_mentions(index_dir)
+    if stored is not None:
+        return MentionIndex.load(stored), ""
+    meta = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
+    if "mentions" in meta:   # an index that stores its mentions and recorded why it has none
+        return None, meta["mentions"].get("missing") or f"{index_dir / MENTIONS_DIR} is missing"
+    corpus = Path(meta["corpus"])
+    if not corpus.exists():
+        return None, f"the training corpus {corpus} no longer exists"
+    return training_split_mentions(training_texts(index_dir), int(meta.get("counts", {}).get("train_tokens", 0)))

@@ -9,9 +9,12 @@
                                 leaf's documents of `hmlm generate --show-path`), and
     mentions/facts_meta.json    the bundled corpus's recorded repeat count of each fact, when trained on it
 
-and records them in model.json under `eval_data`. A model directory written before this (no `eval_data`) or the live
-model of the training callback (whose "directory" is the index) reads the same files from the index: the recorded
-index path as is, then the index's folder name beside the model directory (`runs/x/model` -> `runs/x/index`).
+and records them in model.json under `eval_data`. The mentions/ folder is the index's own copy (`hmlm index` stores
+it, so an index carried without its corpus still exports it); an index made before that has its folder built from
+the corpus at export, while the corpus is still where `hmlm index` read it. A model directory written before this
+(no `eval_data`) or the live model of the training callback (whose "directory" is the index) reads the same files
+from the index: the recorded index path as is, then the index's folder name beside the model directory
+(`runs/x/model` -> `runs/x/index`).
 What is missing is reported once per model, with what it costs (`heldout_missing`, `mentions_missing`).
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .mentions import MentionIndex, index_training_split
+from .mentions import (FACTS_FILE, MENTIONS_DIR, MentionIndex, index_training_split, stored_mentions,
+                       write_mention_dir)
 
 HELDOUT_SPLIT = "val"
 
@@ -55,25 +59,44 @@ def write_eval_data(index_dir: Path, out: Path) -> tuple[dict[str, Any], dict[st
         shutil.copyfile(index_dir / "node_stats.safetensors", out / "node_stats.safetensors")
         files.append(out / "node_stats.safetensors")
         entry["node_stats"] = "node_stats.safetensors"
-    mentions, why = index_training_split(index_dir)
-    if mentions is not None:
-        mentions.save(out / "mentions")
-        from safetensors.numpy import save_file
-
-        save_file({"paths": training_paths_of_index(index_dir)}, str(out / "mentions" / "paths.safetensors"))
-        files += [out / "mentions" / n for n in ("words.safetensors", "vocab.txt", "paths.safetensors")]
-        entry["mentions"] = {"dir": "mentions", "words": mentions.n_words, "documents": mentions.n_documents,
-                             "paths": "paths.safetensors"}
+    mentions_entry, why = _mentions_into(index_dir, index_meta, out / MENTIONS_DIR)
+    if mentions_entry is not None:
+        entry["mentions"] = mentions_entry
     else:
         entry["mentions_missing"] = why
-    facts = Path(index_meta["corpus"]).parent / "facts_meta.json"
-    # repeat counts describe the whole bundled corpus: a max_docs subset states fewer sentences
-    if facts.is_file() and not index_meta.get("data", {}).get("max_docs"):
-        (out / "mentions").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(facts, out / "mentions" / "facts_meta.json")
-        files.append(out / "mentions" / "facts_meta.json")
-        entry["recorded_counts"] = "mentions/facts_meta.json"
+    if (out / MENTIONS_DIR / FACTS_FILE).is_file():
+        entry["recorded_counts"] = f"{MENTIONS_DIR}/{FACTS_FILE}"
+    if (out / MENTIONS_DIR).is_dir():
+        files += sorted((out / MENTIONS_DIR).iterdir())
     return entry, {f.relative_to(out).as_posix(): sha256_file(f) for f in files}
+
+
+def _mentions_into(index_dir: Path, index_meta: dict[str, Any], folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """Fill the model's mentions folder from the index: a copy of the folder `hmlm index` stored, or, for an index
+    made before indexes stored one, the folder built from its corpus (while the corpus exists). Returns (model.json's
+    `eval_data.mentions` entry, or None and why there is no word index)."""
+    stored = index_meta.get("mentions")
+    if stored is not None:
+        source = index_dir / MENTIONS_DIR
+        if source.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in sorted(source.iterdir()):
+                shutil.copyfile(f, folder / f.name)
+        if stored.get("missing") or not (folder / "words.safetensors").is_file():
+            return None, stored.get("missing") or f"the index's {source} is missing"
+        return {"dir": MENTIONS_DIR, "words": stored["words"], "documents": stored["documents"],
+                "paths": "paths.safetensors"}, ""
+    mentions, why = index_training_split(index_dir)
+    facts = Path(index_meta["corpus"]).parent / FACTS_FILE
+    # repeat counts describe the whole bundled corpus: a max_docs subset states fewer sentences
+    facts = facts if facts.is_file() and not index_meta.get("data", {}).get("max_docs") else None
+    if mentions is not None or facts is not None:
+        write_mention_dir(folder, mentions, training_paths_of_index(index_dir) if mentions is not None else None,
+                          facts)
+    if mentions is None:
+        return None, why
+    return {"dir": MENTIONS_DIR, "words": mentions.n_words, "documents": mentions.n_documents,
+            "paths": "paths.safetensors"}, ""
 
 
 def training_paths_of_index(index_dir: Path) -> np.ndarray:
@@ -112,8 +135,8 @@ class EvalData:
 
     label: str
     heldout: Path | None = None        # folder with shards/val-*.safetensors and node_stats.safetensors
-    mentions: Path | None = None       # mentions/ folder of a model directory
-    index: Path | None = None          # an index whose corpus is counted instead (no mentions/ folder)
+    mentions: Path | None = None       # mentions/ folder of a model directory (or of its index)
+    index: Path | None = None          # the index of a model directory without eval_data (older exports)
     recorded: Path | None = None       # facts_meta.json
     heldout_missing: str | None = None     # why there is no held-out perplexity
     mentions_missing: str | None = None    # why entity mentions cannot be counted, once something asked
@@ -151,10 +174,13 @@ class EvalData:
             data.heldout = data.index
         else:
             data.heldout_missing = f"the index {data.index} has no held-out split: held-out perplexity is left out"
+        data.mentions = stored_mentions(data.index)   # an index that stores its mentions: read as a model's
         corpus = Path(json.loads((data.index / "index.json").read_text(encoding="utf-8"))["corpus"])
         max_docs = (meta.get("recipe") or {}).get("data", {}).get("max_docs")
-        if not max_docs and (corpus.parent / "facts_meta.json").is_file():
-            data.recorded = corpus.parent / "facts_meta.json"
+        for facts in (data.index / MENTIONS_DIR / FACTS_FILE, corpus.parent / FACTS_FILE):
+            if not max_docs and facts.is_file():
+                data.recorded = facts
+                break
         return data
 
     def mention_index(self) -> MentionIndex | None:

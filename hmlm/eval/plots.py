@@ -3,6 +3,8 @@
 accuracy_by_bucket.png             accuracy per training-frequency bucket, one panel per fact task plus all facts
                                    pooled, one line per model and memory mode (the paper's Figure 1)
 perplexity_by_leaf_frequency.png   held-out perplexity per bin of leaf training tokens, one line per model and mode
+removal.png                        `hmlm eval --removal`: accuracy with the memory fetched / blocked / none, the removed
+                                   entity's items beside the other entities', one panel per model and level
 """
 from __future__ import annotations
 
@@ -89,5 +91,42 @@ def plot_leaf_perplexity(report: dict, path: Path) -> None:
     ax.set_title("held-out perplexity by leaf training frequency", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+REMOVAL_COLORS = {"fetched": "tab:blue", "blocked": "tab:red", "none": "tab:gray"}
+
+
+def plot_removal(report: dict, path: Path) -> None:
+    panels = [(model, lv) for model in report["models"] for lv in model["levels"]]
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    groups = (("removed", "removed entity"), ("others", "other entities"))
+    modes = tuple(REMOVAL_COLORS)
+    width = 0.8 / len(modes)
+    for ax, (model, lv) in zip(axes.flat, panels):
+        summary = model["summary"][str(lv)]
+        for j, mode in enumerate(modes):
+            values = [summary[g][f"acc_{mode}"] for g, _ in groups]
+            xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(groups))]
+            bars = ax.bar(xs, [0 if v is None else 100 * v for v in values], width, label=mode,
+                          color=REMOVAL_COLORS[mode])
+            for bar, v in zip(bars, values):
+                if v is not None:
+                    ax.annotate(f"{100 * v:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(groups)), [f"{label}\n(n={summary[g]['n']})" for g, label in groups], fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("accuracy (%)")
+        title = f"level {lv}" if len(report["models"]) == 1 else f"{model['label']}, level {lv}"
+        ax.set_title(f"{title}: {model['entities_measured']} entities removed one at a time", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if panels:
+        axes.flat[0].legend(title="memory", fontsize=7, title_fontsize=7)
+    fig.suptitle(f"knowledge removal: {', '.join(report['tasks'])}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +24,9 @@ from . import EvalError
 from .buckets import DEFAULT_EDGES, FrequencyCounter, bucket_labels, bucket_of
 from .entities import EntityItem, EntitySpec
 from .tasks import DEFAULT_TASKS, ensure_task_dir
+
+if TYPE_CHECKING:
+    from .removal import RemovalOptions
 
 # the paper's benchmarks (App. B) by their lm-eval names, for CK/SK averages of tasks without our metadata
 PAPER_GROUPS = {"lambada_openai": "CK", "boolq": "CK", "squad_completion": "CK", "wsc273": "CK",
@@ -50,6 +53,7 @@ class EvalOptions:
     embedder_path: str | None = None   # route with this embedder copy ("package": the pip package) instead of
                                        # the one each model's recipe names (hmlm.export.load_model_dir)
     verify: bool = True          # False: load model dirs whose model.json has no checksums (hmlm eval --no-verify)
+    removal: "RemovalOptions | None" = None   # the knowledge-removal measurement instead (hmlm.eval.removal)
 
 
 def task_manager(tasks: Sequence[str], include_path: str | None = None):
@@ -74,10 +78,11 @@ def load_tasks(manager, tasks: Sequence[str]) -> dict:
         raise EvalError(f"--tasks: unknown task {exc}; hmlm tasks are in {ensure_task_dir()}") from None
 
 
-def run_tasks(lm, task_dict: dict, *, limit: int | None = None) -> dict:
+def run_tasks(lm, task_dict: dict, *, limit: int | None = None, samples: dict[str, list[int]] | None = None) -> dict:
     """lm-eval's evaluation of loaded tasks, prepared as `simple_evaluate` prepares it (its default seeds, zero-shot
     unless a task says otherwise, its few-shot seed), without the extras of simple_evaluate that hmlm does not
-    report and that cost seconds per call (an environment dump that runs pip and nvidia-smi, the git hash)."""
+    report and that cost seconds per call (an environment dump that runs pip and nvidia-smi, the git hash).
+    `samples` ({task: doc ids}, instead of `limit`) evaluates only those items of each task."""
     import random
 
     import numpy as np
@@ -92,7 +97,7 @@ def run_tasks(lm, task_dict: dict, *, limit: int | None = None) -> dict:
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-    return evaluate(lm=lm, task_dict=task_dict, limit=limit, log_samples=True, bootstrap_iters=0)
+    return evaluate(lm=lm, task_dict=task_dict, limit=limit, samples=samples, log_samples=True, bootstrap_iters=0)
 
 
 def entity_specs(task_dict: dict) -> dict[str, EntitySpec]:
@@ -312,13 +317,29 @@ def eval_from_args(args, console: Console) -> dict:
 
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit {args.limit}: must be >= 1")
-    opts = EvalOptions(models=list(args.model), tasks=split(args.tasks) or list(DEFAULT_TASKS),
-                       memory=split(args.memory), limit=args.limit, batch_size=args.batch_size, device=args.device,
+    removal = None
+    if getattr(args, "removal", False):
+        from .removal import DEFAULT_TASKS as REMOVAL_TASKS, removal_options
+
+        if args.memory is not None:
+            raise EvalError("--removal scores the memory fetched, blocked and none itself; leave out --memory")
+        removal = removal_options(args)
+    elif any(getattr(args, k, None) is not None for k in ("removal_levels", "removal_share", "removal_entities",
+                                                    "removal_rule")):
+        raise EvalError("--removal-levels/--removal-share/--removal-entities/--removal-rule only go with --removal")
+    default_tasks = list(REMOVAL_TASKS) if removal is not None else list(DEFAULT_TASKS)
+    opts = EvalOptions(models=list(args.model), tasks=split(args.tasks) or default_tasks,
+                       memory=split(args.memory or "fetched,generic,none"), limit=args.limit,
+                       batch_size=args.batch_size, device=args.device,
                        out=args.out, edges=parse_edges(args.buckets), include_path=args.include_path,
                        bucket_source=args.bucket_source, ambiguous=tuple(split(args.ambiguous)),
                        perplexity=not args.no_perplexity, max_gen_toks=args.max_gen_toks,
                        embedder_path=getattr(args, "embedder_path", None),
-                       verify=not getattr(args, "no_verify", False))
+                       verify=not getattr(args, "no_verify", False), removal=removal)
+    if removal is not None:
+        from .removal import run_removal
+
+        return run_removal(opts, console)
     if not opts.memory:
         raise EvalError("--memory is empty; use e.g. fetched,generic,none")
     return run_eval(opts, console)
