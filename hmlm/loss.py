@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .protocols import compute_dtype
+
 IGNORE_INDEX = -100
 # float32 log-probability elements per chunk. GPU: 2^26 = 256 MiB (1,280 tokens of a 50k vocabulary), big enough for
 # full-speed matmuls, small next to the [B·T, V] logits it replaces. CPU: 2^20 = 4 MiB (256 tokens of a 4k
@@ -36,12 +38,6 @@ def token_weights(labels: torch.Tensor, groups: int = 1) -> torch.Tensor:
     valid = (labels != IGNORE_INDEX).float()
     parts = valid.chunk(groups)
     return torch.cat([p / (p.sum().clamp(min=1.0) * len(parts)) for p in parts])
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _chunk_rows(n: int, vocab: int, device: torch.device) -> int:
@@ -68,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compiling = torch.compiler.is_compiling()
         with torch.autocast(hidden.device.type, enabled=False):
@@ -114,7 +110,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     labels = labels.to(hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, weights)
-    dtype = _compute_dtype(hidden)
+    dtype = compute_dtype(hidden)
     w = weight.to(dtype)
     rows = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)

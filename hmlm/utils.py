@@ -184,9 +184,14 @@ def read_json_artifact(path: Path, error: type[Exception], *, missing: str, corr
         raise error(f"{path}: corrupt JSON ({exc}){corrupt_hint}") from None
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text to `path` atomically (atomic_write_path): readers see the old file or the whole new one."""
     with atomic_write_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20, on_bytes: Callable[[int], None] | None = None) -> str:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmlm.protocols import AnchorShape, MemoryContext
+from hmlm.protocols import AnchorShape, MemoryContext, compute_dtype
 
 if TYPE_CHECKING:  # only a type here; keeps the model importable without omegaconf
     from hmlm.config import AnchorConfig
@@ -316,7 +316,7 @@ class Block(nn.Module):
             # one cast of the FFN input for the anchor's and the memory's matmuls: under autocast each matmul would
             # cast h itself and cast its gradient back (4 more [B, T, d] copies per layer with an FFN memory: ~12 ms
             # per step at 160M, batch 16, H100). Their gradients then meet in bf16 before the one cast back.
-            h = h.to(_activation_dtype(h))
+            h = h.to(compute_dtype(h))
         out = self.ffn(h, memory, self.layer)
         if memory is not None:
             out = _plus(out, memory.delta("ffn", self.layer, h))
@@ -325,13 +325,6 @@ class Block(nn.Module):
 
 def _plus(t: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return t if delta is None else t + delta
-
-
-def _activation_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmul outputs have here: the autocast dtype when autocast is on for x's device, else x's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class OpenLMAnchor(nn.Module):
@@ -429,7 +422,7 @@ class OpenLMAnchor(nn.Module):
         cos, sin = self._rope(positions, past + T)
         # tables in the dtype q/k will have (bf16 under autocast), rounded once per forward instead of per layer;
         # broadcast over heads: [T, dh] -> [1, 1, T, dh]; [B, T, dh] -> [B, 1, T, dh]
-        dtype = _activation_dtype(x)
+        dtype = compute_dtype(x)
         rope = tuple((c.unsqueeze(-3) if c.dim() == 3 else c[None, None]).to(dtype) for c in (cos, sin))
         for block in self.blocks:
             x = block(x, rope, mask, memory, cache)

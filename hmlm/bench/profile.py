@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..utils import atomic_write_path
+from ..utils import write_text
 
 REGION_PREFIX = "hmlm."
 
@@ -88,7 +88,6 @@ def profile_steps(run_step: Callable[[int], Any], *, steps: int, device: torch.d
     lines.append(events.table(sort_by=sort_by, row_limit=top, max_name_column_width=70))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{safe_name(name)}.txt"
-    with atomic_write_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
     summary["table"] = path.name
     return summary

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..config import TokenizerConfig
-from ..utils import atomic_write_path
+from ..utils import write_text
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -73,8 +73,8 @@ class Tokenizer:
         d.mkdir(parents=True, exist_ok=True)
         meta = {"kind": self.kind, "eos_token": self.eos_token, "eos_id": self.eos_id,
                 "pad_token": self.pad_token, "pad_id": self.pad_id, "vocab_size": self.vocab_size}
-        _atomic_write_text(d / TOKENIZER_FILE, self.hf.to_str(pretty=False))
-        _atomic_write_text(d / META_FILE, json.dumps(meta, indent=2) + "\n")
+        write_text(d / TOKENIZER_FILE, self.hf.to_str(pretty=False))
+        write_text(d / META_FILE, json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
@@ -193,8 +193,3 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], seed: int) -> To
             raise ValueError("data.tokenizer.kind=file needs data.tokenizer.path (a tokenizer.json or its folder)")
         return from_file(cfg.path, eos_token=cfg.eos_token)
     raise ValueError(f"data.tokenizer.kind: got {cfg.kind!r}, expected one of {', '.join(KINDS)}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_write_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

@@ -326,7 +326,7 @@ def run_removal(opts, console: Console | None = None) -> dict:
     """`hmlm eval --removal` (opts: hmlm.eval.report.EvalOptions with `removal` set): measure every model, print the
     tables, write removal.json / removal.md / removal.png; return the report."""
     from ..export import load_model_dir
-    from ..utils import write_json
+    from ..utils import write_json, write_text
     from .buckets import FrequencyCounter
     from .modeldata import EvalData
     from .report import _cuda, _labels, load_tasks, task_manager
@@ -357,20 +357,13 @@ def run_removal(opts, console: Console | None = None) -> dict:
              "png": str(out_dir / "removal.png")}
     report["files"] = files
     write_json(Path(files["json"]), report)
-    _write_text(Path(files["markdown"]), markdown(report))
+    write_text(Path(files["markdown"]), markdown(report))
     from .plots import plot_removal
 
     plot_removal(report, Path(files["png"]))
     print_removal(report, console)
     console.print(f"[bold]removal[/] wrote {', '.join(files.values())} ({report['seconds']} s)", highlight=False)
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    from ..utils import atomic_write_path
-
-    with atomic_write_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _pct(v: float | None) -> str:
