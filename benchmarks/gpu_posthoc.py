@@ -322,6 +322,21 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         summary["removal"]["rows"] += removal_rows(m, mode, REMOVAL_PROMPTS + CONTROL_PROMPTS, a.max_new_tokens)
     log(f"removal with {block}: done")
     save(out, summary, budget)
+    # 2b. the knowledge-removal measurement over every element (hmlm eval --removal, docs/eval.md): each element's
+    #     documents' nodes blocked, its own and the other elements' answers scored fetched / blocked / none
+    removal_dir = out / "removal"
+    if budget.allows("eval_removal", a.removal_estimate_s):
+        t0 = time.perf_counter()
+        try:
+            rc, text = captured(["eval", "--model", str(model_dir), "--removal", "--tasks", "hmlm_atomic_number",
+                                 "--batch-size", "64", "--out", str(removal_dir), *emb_args])
+        except ValueError as exc:   # e.g. a tiny tree where a block leaves a node no child to route to
+            rc, text = 1, f"{type(exc).__name__}: {exc}"
+        summary["steps"]["eval_removal"] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+                                            "output": text[-2000:]}
+        if rc == 0 and (removal_dir / "removal.json").is_file():
+            summary["removal_eval"] = json.loads((removal_dir / "removal.json").read_text())["models"][0]["summary"]
+        save(out, summary, budget)
     # 3. before/after: hmlm eval, one memory mode at a time (each report is kept when the next would not fit):
     #    none = the frozen SmolLM2 alone ("before"), fetched and generic = the same model with memory ("after")
     eval_dir = out / "eval"
@@ -353,10 +368,11 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
             summary.setdefault("latency", []).extend(run_generate_bench(
                 model_dir, modes=["fetched", "none"], tokens=a.bench_tokens, device=device, embedder_path=emb))
             save(out, summary, budget)
-    if eval_dir.is_dir():
-        with tarfile.open(out / "eval.tar.xz", "w:xz") as tar:
-            tar.add(eval_dir, arcname="eval")
-        shutil.rmtree(eval_dir)
+    for folder in (eval_dir, removal_dir):
+        if folder.is_dir():
+            with tarfile.open(out / f"{folder.name}.tar.xz", "w:xz") as tar:
+                tar.add(folder, arcname=folder.name)
+            shutil.rmtree(folder)
     save(out, summary, budget)
     return summary
 
@@ -414,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--export-reserve-s", type=float, default=90.0, help="call 2: kept for export + held-out ppl")
     pc.add_argument("--eval-estimate-s", type=float, default=120.0, help="first eval mode; then measured")
     pc.add_argument("--eval-limit", type=int, default=None)
+    pc.add_argument("--removal-estimate-s", type=float, default=150.0, help="call 3: hmlm eval --removal")
     pc.add_argument("--eval-tasks", default=None, help="hmlm eval --tasks (default: the fact tasks + CK control)")
     pc.add_argument("--bench-tokens", type=int, default=32, help="tokens decoded per prompt in the latency rows")
     pc.add_argument("--max-gen-toks", type=int, default=8)

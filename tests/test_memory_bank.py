@@ -99,7 +99,7 @@ def test_fetch_in_compute_dtype_is_layer_major_and_accumulates_gradients_in_floa
 
 
 def test_unique_passes_never_repeat_a_row():
-    from hmlm.bank.stores import _unique_passes
+    from hmlm.bank.gather import unique_passes as _unique_passes
 
     g = torch.Generator().manual_seed(0)
     for n in (1, 5, 16):

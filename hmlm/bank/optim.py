@@ -41,8 +41,9 @@ class AdamHyper:
 
 @dataclass
 class UpdateGroup:
-    """The fetched rows of one level on one device; updated in place. Values and gradient are float32; the moments
-    are float32 too unless the updater has `storage_dtypes = True`, then they come in their storage dtypes."""
+    """The fetched rows of one level on one device; updated in place. All float32, unless the updater has
+    `storage_dtypes = True`: then values and moments come in their storage dtypes and the gradient in the compute
+    dtype (bf16 under bf16 autocast), and the updater computes in float32 and rounds into them."""
 
     fmt: RowFormat
     params: torch.Tensor      # [U, P]
@@ -162,11 +163,14 @@ def fused_adamw(groups: Sequence[UpdateGroup], hyper: AdamHyper, scale: torch.Te
         for g in dense:
             update(g.params, g.grad, g.m, g.v, g.steps, lr, s, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
     if factored:
-        wide = [UpdateGroup(g.fmt, g.params, g.grad, g.m.float(), g.v.float(), g.steps) for g in factored]
+        # float32 copies where a tensor is stored narrower (.float() of a float32 tensor is the tensor itself)
+        wide = [UpdateGroup(g.fmt, g.params.float(), g.grad.float(), g.m.float(), g.v.float(), g.steps)
+                for g in factored]
         lazy_adamw(wide, hyper, scale)
         for g, w in zip(factored, wide):
-            g.m.copy_(w.m)
-            g.v.copy_(w.v)
+            for dst, src in ((g.params, w.params), (g.m, w.m), (g.v, w.v)):
+                if src is not dst:
+                    dst.copy_(src)
 
 
 fused_adamw.storage_dtypes = True  # type: ignore[attr-defined]

@@ -4,9 +4,10 @@ The bank is *not* an nn.Module: Lightning/DDP/DeepSpeed never see it, so they ne
 multi-billion bank that is read a few blocks at a time (docs/design.md §3). Each step:
 
     prefetch(paths)  the data loader's next batch: host/disk levels start staging its unique blocks (levels.py)
-    fetch(paths)     per level, one gather of the batch's unique blocks into a float32 leaf [U, P] on the compute
-                     device, expanded to per-sample tensors (concatenated over levels along the rank axis)
-    backward         fills each leaf's .grad (summed over the samples sharing a block)
+    fetch(paths)     per level, one gather of the batch's unique blocks into a leaf [U, P] on the compute device (in
+                     the compute dtype), expanded to per-sample tensors (concatenated over levels along the rank
+                     axis, layer-major) by one autograd op (gather.py)
+    backward         fills each leaf's .grad (summed over the samples sharing a block in float32)
     step(...)        clips the memory gradient separately from the anchor's (the norm stays a device tensor), then
                      runs lazy block-wise AdamW on exactly the fetched rows of every level at once (optim.py)
 
@@ -40,6 +41,7 @@ from .blockio import BlockIOFactory, ThreadPoolBlockIO, aligned_empty
 from .layout import BankLayout
 from .levelfile import (HEADER, BankFileError, check_level_file, create_level_file, fsync_dir, new_file_id,
                         read_meta, write_meta)
+from .gather import gather_layout, plan_level
 from .levels import (DeviceLevel, FileStorage, Level, PipelinedLevel, RowBatch, TensorStorage, pack_records,
                      to_device)
 from .optim import AdamHyper, RowUpdater, UpdateGroup, fused_adamw
@@ -67,54 +69,12 @@ def bounded_map(fn, items: Iterable, workers: int) -> Iterator:
                 window.append(ex.submit(fn, nxt))
 
 
-def _unique_passes(index: torch.Tensor) -> list[torch.Tensor]:
-    """Split the positions of `index` (CPU ints) into passes in which no value repeats: pass j holds each value's j-th
-    occurrence. index_add_ over one pass never has two samples add into the same row at once."""
-    order = torch.argsort(index, stable=True)
-    sorted_index = index[order]
-    first = torch.ones_like(sorted_index, dtype=torch.bool)
-    first[1:] = sorted_index[1:] != sorted_index[:-1]
-    starts = torch.nonzero(first).squeeze(1)
-    occurrence = torch.arange(len(index)) - starts[torch.cumsum(first.long(), 0) - 1]
-    return [order[occurrence == j] for j in range(int(occurrence.max()) + 1)] if len(index) else []
-
-
-class _GatherRows(torch.autograd.Function):
-    """table[index] for a few huge rows (table [U, P] with P in the millions, index [B]) whose backward sums the rows'
-    gradients in float32 and rounds once to the table's dtype. F.embedding computes the same, but its backward is
-    built for many short rows (3.8 ms per step for 8 samples of the 160M bank's 18M values on an H100). Here: one
-    index_add_ per pass of `_unique_passes`, so that samples sharing a row (a small bank's level 1) never contend on
-    atomics: a one-hot matmul instead cost 13 ms more per step at batch 16."""
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, index: torch.Tensor, passes: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(index)
-        ctx.rows, ctx.passes = table.shape[0], passes
-        return table.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (index,) = ctx.saved_tensors
-        total = torch.zeros(ctx.rows, grad.shape[1], dtype=torch.float32, device=grad.device)
-        if len(ctx.passes) == 1:
-            total.index_add_(0, index, grad.float())
-        else:
-            # one float32 copy of the gradient with its rows in pass order; each pass adds a contiguous slice of it
-            order = to_device(torch.cat(ctx.passes), grad.device)
-            ordered, rows, start = grad.index_select(0, order).float(), index.index_select(0, order), 0
-            for positions in ctx.passes:
-                end = start + len(positions)
-                total.index_add_(0, rows[start:end], ordered[start:end])
-                start = end
-        return total.to(grad.dtype), None, None
-
-
 @dataclass
 class _Fetched:
     key: str
     rows: torch.Tensor                 # local row numbers (CPU)
-    leaf: torch.Tensor | None          # float32 [U, P], requires grad; None for a group added by replace_fetched_grads
-    batch: RowBatch | None = None      # rows with their optimizer state, when the tier staged them together
+    leaf: torch.Tensor | None          # [U, P] in the compute dtype, requires grad; None for a replace_fetched_grads group
+    batch: RowBatch | None = None      # the rows in storage dtypes (values; optimizer state when staged with them)
     grad: torch.Tensor | None = None   # replaces leaf.grad (replace_fetched_grads)
 
     def gradient(self) -> torch.Tensor | None:
@@ -359,7 +319,8 @@ class TieredStore:
         in that dtype, each laid out layer-major (a [B, L, ...] view of a contiguous [L, B, ...] tensor), so the
         anchor's per-layer slice is contiguous and needs no cast: at the 160M shape on an H100, casting strided fp32
         slices per layer (forward and backward) cost more than the memory's matmuls. The leaves whose gradients the
-        step reads stay float32; the per-sample gather accumulates their gradient in float32 (_GatherRows).
+        step reads are the fetched rows in that dtype too; the per-sample gather sums their gradient in float32 and
+        rounds once (gather.py, docs/design.md §6.8).
         """
         self._materialize()
         paths = paths.detach()
@@ -394,36 +355,34 @@ class TieredStore:
                 inverses.append(inverse)
         if any_generic:
             requests.append((GENERIC, self.local_rows(GENERIC, torch.zeros(1, dtype=torch.long))))
-        leaves = self._leaves(requests, grad)
+        leaves = self._leaves(requests, grad, dtype)
         generic = self.formats[GENERIC].named(leaves[-1].to(dtype)) if any_generic else None
         # per level: a table of the level's fetched rows (+ the generic block's share of this level's rank, as one
-        # more row), and each sample's row in it; one gather per level, then one layer-major concatenation
-        per_level: list[dict[str, torch.Tensor]] = []
+        # more row) and each sample's row in it; then one gather of every level into the layer-major outputs
+        tables, plans = [], []
         offset = 0
         for i, lvl in enumerate(self.layout.active_levels):
             key, r = f"l{lvl}", self.layout.sizes[lvl]
             fmt = self.formats[key]
-            tables, index = [], torch.empty(batch, dtype=torch.long)
+            parts, index = [], torch.empty(batch, dtype=torch.long)
             if len(path_rows):
-                tables.append(leaves[i].to(dtype))
+                parts.append(leaves[i].to(dtype))
                 index[path_rows] = inverses[i]
             if generic is not None:
                 share = {name: t.narrow(1 + spec[name].rank_axis, offset, r) for name, t in generic.items()}
-                index[gmask] = tables[0].shape[0] if tables else 0
-                tables.append(fmt.flatten(share))
-            table = tables[0] if len(tables) == 1 else torch.cat(tables)
-            rows = _GatherRows.apply(table, to_device(index, dev), _unique_passes(index))  # [B, P_l]
-            per_level.append({name: t.movedim(1, 0) for name, t in fmt.named(rows).items()})  # [L, B, ...] views
+                index[gmask] = parts[0].shape[0] if parts else 0
+                parts.append(fmt.flatten(share))
+            tables.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+            plans.append(plan_level(fmt, index, dev, offset, r, to_device))
             offset += r
-        return {name: torch.cat([pl[name] for pl in per_level], dim=1 + s.rank_axis).movedim(0, 1)
-                for name, s in spec.items()}
+        return gather_layout(spec, plans, batch, tables)
 
-    def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool) -> list[torch.Tensor]:
-        """The float32 rows [U, P] of every (key, local rows) of one fetch (a store that gathers all keys at once,
-        e.g. zero3, overrides this)."""
-        return [self._leaf(key, rows, grad) for key, rows in requests]
+    def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The rows [U, P] of every (key, local rows) of one fetch, in `dtype` (a store that gathers all keys at once,
+        e.g. zero3, overrides this and may return another dtype: fetch casts)."""
+        return [self._leaf(key, rows, grad, dtype) for key, rows in requests]
 
-    def _leaf(self, key: str, rows: torch.Tensor, grad: bool) -> torch.Tensor:
+    def _leaf(self, key: str, rows: torch.Tensor, grad: bool, dtype: torch.dtype) -> torch.Tensor:
         level = self.levels[key]
         if grad:
             # staged tiers bring the rows' optimizer state along (one read); the device tier reads it at step time,
@@ -431,11 +390,14 @@ class TieredStore:
             with_state = isinstance(level, PipelinedLevel) and not self.updates_on_host(key)
             batch = level.fetch(rows, with_state, training=True) if isinstance(level, PipelinedLevel) \
                 else level.fetch(rows, with_state)
-            leaf = batch.params.to(torch.float32, copy=True).requires_grad_(True)
-            self._fetched.append(_Fetched(key, rows, leaf, batch if with_state else None))
+            # the leaf is in the compute dtype: with a bf16 bank under bf16 autocast it is the fetched rows themselves
+            # (no copy; its gradient comes in bf16, summed in float32 by the gather). The update reads the values in
+            # their storage dtype from `batch`, so a leaf of lower precision than the bank never rounds them.
+            leaf = batch.params.detach().to(dtype).requires_grad_(True)
+            self._fetched.append(_Fetched(key, rows, leaf, batch))
             return leaf
         if self.cache is None or level.tier == "device" or (self.cache_keys is not None and key not in self.cache_keys):
-            return level.fetch(rows, False).params.to(torch.float32)
+            return level.fetch(rows, False).params.to(dtype)
         got = [self.cache.get(key, int(r)) for r in rows.tolist()]
         missing = [i for i, t in enumerate(got) if t is None]
         if missing:
@@ -443,7 +405,7 @@ class TieredStore:
             for j, i in enumerate(missing):
                 got[i] = fresh[j]
                 self.cache.put(key, int(rows[i]), fresh[j])
-        return torch.stack(got).to(torch.float32)
+        return torch.stack(got).to(dtype)
 
     def prefetch(self, paths: torch.Tensor, *, with_state: bool = True) -> None:
         """Announce a batch's paths [B, levels] before it is fetched: host/disk levels start staging its blocks.
@@ -511,7 +473,7 @@ class TieredStore:
     # ---------------------------------------------------------------- update
     def fetched_grads(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(key, local rows [U], gradient [U, P] float32) of every group fetched with grad=True since the last step."""
-        return [(f.key, f.rows, g) for f in self._fetched if (g := f.gradient()) is not None]
+        return [(f.key, f.rows, g.float()) for f in self._fetched if (g := f.gradient()) is not None]
 
     def replace_fetched_grads(self, groups: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
         """Set the gradients `step` applies: a group given with the rows tensor of a fetched group reuses it, any
@@ -530,10 +492,12 @@ class TieredStore:
         self._fetched = []
 
     def fetched_grad_norm(self) -> torch.Tensor:
-        grads = [g for _, _, g in self.fetched_grads()]
+        grads = [f.gradient() for f in self._fetched if f.gradient() is not None]
         if not grads:
             return torch.zeros((), device=self.compute_device)
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
+        # accumulated in float32 whatever the gradients' dtype (bf16 leaves under bf16 autocast), no float32 copies
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     @torch.no_grad()
     def step(self, *, lr: float, weight_decay: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
@@ -548,6 +512,8 @@ class TieredStore:
         scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip > 0 else None
         dev = self.compute_device
         hyper = AdamHyper(lr, beta1, beta2, eps, weight_decay)
+        # an updater that takes values, gradient and moments in their own dtypes (fused_adamw) reads and rounds into
+        # the fetched rows in place; the float32 reference (lazy_adamw) gets float32 copies, written back after
         native = getattr(self.updater, "storage_dtypes", False)
         work = []
         for f in groups:
@@ -560,27 +526,24 @@ class TieredStore:
                                      level.steps.index_select(0, rows_dev), hyper, self.host_adam())
                 continue
             batch = f.batch
-            if batch is None and f.leaf is not None and isinstance(level, DeviceLevel):
-                # the values are the leaf's; only the moments are read, and the rows are written back whole
+            if batch is not None and not batch.has_state and isinstance(level, DeviceLevel):
+                # the values came with the fetch; only the moments are read, and the rows are written back whole
                 m, v = level.fetch_state(f.rows)
-                batch = RowBatch(None, m, v)  # type: ignore[arg-type]
-            elif batch is None:
+                batch = RowBatch(batch.params, m, v)
+            elif batch is None or not batch.has_state:
                 batch = level.fetch(f.rows, True)
-            params = f.leaf.detach() if f.leaf is not None else batch.params.to(torch.float32, copy=True)
-            # an updater that takes the moments in their storage dtypes rounds into them itself (no float32 copies)
-            m, v = (batch.m, batch.v) if native else (batch.m.float(), batch.v.float())
-            work.append((f, level, batch, UpdateGroup(level.fmt, params, f.gradient().float(), m, v,
-                                                      level.steps.index_select(0, rows_dev))))
+            grad = f.gradient()
+            if native:
+                g = UpdateGroup(level.fmt, batch.params, grad, batch.m, batch.v, level.steps.index_select(0, rows_dev))
+            else:
+                g = UpdateGroup(level.fmt, batch.params.float(), grad.float(), batch.m.float(), batch.v.float(),
+                                level.steps.index_select(0, rows_dev))
+            work.append((f, level, batch, g))
         self.updater([w[3] for w in work], hyper, scale)
         for f, level, batch, g in work:
-            if batch.params is None:
-                batch.params = g.params.to(level.fmt.dtype)
-            else:
-                batch.params.copy_(g.params)
-            if g.m is not batch.m:
-                batch.m.copy_(g.m)
-            if g.v is not batch.v:
-                batch.v.copy_(g.v)
+            for dst, src in ((batch.params, g.params), (batch.m, g.m), (batch.v, g.v)):
+                if src is not dst:
+                    dst.copy_(src)
             level.store(f.rows, batch)
         for f in groups:
             if self.cache is not None:

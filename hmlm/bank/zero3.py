@@ -176,7 +176,7 @@ class Zero3Store(TieredStore):
         raise ValueError("memory.store=zero3: the DeepSpeed engine is built on its first device; build the store "
                          "for the device it trains on")
 
-    def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool) -> list[torch.Tensor]:
+    def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool, dtype: torch.dtype) -> list[torch.Tensor]:
         self.engine.train(grad)
         with torch.set_grad_enabled(grad):
             return self.engine(requests)

@@ -13,6 +13,7 @@ MFU counts model FLOPs only (PaLM appendix B): 6·N per token for the N matmul p
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -141,11 +142,20 @@ def _timed_steps(trainer: _Trainer, recipe: Recipe, *, vocab_size: int, batch_si
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    # HMLM_SYNC_DEBUG=1 (CUDA): warn, with the stack, at every operation in the timed steps that makes the host wait
+    # for the device (a stall the step should not have; the final loss read is after the loop)
+    sync_debug = device.type == "cuda" and os.environ.get("HMLM_SYNC_DEBUG") == "1"
+    if sync_debug:
+        torch.cuda.set_sync_debug_mode("warn")
     # batches are drawn inside the timed loop, as fit's loader does (their cost on the host is small)
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
-    for i in range(steps):
-        loss = trainer.step(next(data), warmup + i, device)
+    try:
+        for i in range(steps):
+            loss = trainer.step(next(data), warmup + i, device)
+    finally:
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
     final_loss = float(loss)   # one sync at the end: waits for the queued steps
     seconds = time.perf_counter() - t0
     tps = steps * b * t / seconds
