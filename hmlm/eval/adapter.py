@@ -40,7 +40,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from . import EvalError, quiet
 from .memory_spec import MemorySpec, parse_memory  # noqa: F401  (re-exported: hmlm.eval.adapter.parse_memory)
 from ..export import LoadedModel, load_model_dir
-from ..generate import Sampling, autocast_for, fit_prompt, generate_text
+from ..generate import Sampling, autocast_for, fit_prompt, generate_texts
 from ..protocols import MemoryContext
 
 DEFAULT_BATCH_SIZE = 32
@@ -277,7 +277,7 @@ class HMLMEvalLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding (hmlm.generate, on the anchor's key/value cache) with the memory fetched once per request
-        from the prompt's path; requests that share a path share one fetch."""
+        from the prompt's path, batched over requests whose prompts have one length."""
         contexts, stops, limits = [], [], []
         for req in requests:
             context, kwargs = _args(req)
@@ -292,14 +292,20 @@ class HMLMEvalLM(TemplateLM):
         prompts = [fit_prompt(self.tok_encode(c), self.max_length, n) or [self.prefix_token_id]
                    for c, n in zip(contexts, limits)]
         out = [""] * len(requests)
-        fetched: tuple[tuple[int, ...], MemoryContext | None] | None = None
-        for i in self._order(paths, [len(p) for p in prompts]):
-            key = tuple(paths[i].tolist())
-            if fetched is None or fetched[0] != key:   # sorted by path: each path is fetched once
-                fetched = (key, self.model.memory_context(paths[i:i + 1].to(self._device), self.memory.model_mode))
-            sampling = Sampling(max_new_tokens=max(0, limits[i]), stop=tuple(stops[i]))
-            out[i] = generate_text(self.model.anchor, prompts[i], memory=fetched[1], sampling=sampling,
-                                   decode=self.tok_decode, eos_id=self.tokenizer_.eos_id)
+        # one batch decodes prompts of one length and token budget (no padding: hmlm.generate.generate_rows), in
+        # path order, so rows on one path sit together
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in self._order(paths, [0] * len(prompts)):
+            groups.setdefault((len(prompts[i]), max(0, limits[i])), []).append(i)
+        for (_, limit), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                idx = members[start:start + self.batch_size]
+                memory = self.model.memory_context(paths[idx].to(self._device), self.memory.model_mode)
+                texts = generate_texts(self.model.anchor, [prompts[i] for i in idx], memory=memory,
+                                       sampling=Sampling(max_new_tokens=limit), decode=self.tok_decode,
+                                       stops=[stops[i] for i in idx], eos_id=self.tokenizer_.eos_id)
+                for i, text in zip(idx, texts):
+                    out[i] = text
         return out
 
 
