@@ -134,14 +134,15 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return (nll * weights.flatten().to(nll.dtype)).sum()
 
 
-def _fused(anchor: torch.nn.Module) -> bool:
+def has_fused_head(anchor: torch.nn.Module) -> bool:
+    """Whether the anchor exposes `hidden_states` and `output_weight`, so that logits are needed only where used."""
     return hasattr(anchor, "hidden_states") and hasattr(anchor, "output_weight")
 
 
 def lm_nll(anchor: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
            memory: Any = None, doc_ids: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
     """Σ weights · NLL of `labels` under `anchor` (with `memory`, a MemoryContext or None); see the module docstring."""
-    if fused and _fused(anchor):
+    if fused and has_fused_head(anchor):
         hidden = anchor.hidden_states(input_ids, memory=memory, doc_ids=doc_ids)
         return linear_cross_entropy(hidden.flatten(0, 1), anchor.output_weight(), labels.flatten(), weights.flatten())
     return weighted_cross_entropy(anchor(input_ids, memory=memory, doc_ids=doc_ids), labels, weights)
@@ -153,7 +154,7 @@ def lm_token_nll(anchor: torch.nn.Module, input_ids: torch.Tensor, labels: torch
     """float32 NLL [B, T] of each label under `anchor`, 0 at ignored labels, for evaluation (no gradients): the
     fused head and chunked log-softmax of `lm_nll` where the anchor offers them, so per-row or per-group sums
     (held-out perplexity per leaf) never materialise the batch's logits."""
-    if _fused(anchor):
+    if has_fused_head(anchor):
         hidden = anchor.hidden_states(input_ids, memory=memory, doc_ids=doc_ids)
         nll = linear_token_nll(hidden.flatten(0, 1), anchor.output_weight(), labels.flatten()).view(labels.shape)
     else:

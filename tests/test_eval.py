@@ -267,3 +267,23 @@ def test_callback_logs_bucket_accuracies(loaded):
     assert any(k.startswith("eval/hmlm_atomic_number/fetched/acc_bucket_") for k in metrics)
     assert loaded.model.training   # restored after evaluation
     loaded.model.eval()
+
+
+def test_lm_eval_templates_are_compiled_once_and_render_the_same():
+    # importing the adapter installed hmlm.eval.templates: same text as lm-eval's per-document compile
+    import lm_eval.utils as utils
+
+    template = "{{ prompt | regex_replace('\\\\s+', ' ') }}{% if answer %} -> {{ answer }}{% endif %}"
+    docs = [{"prompt": "The  capital of\nFrance is", "answer": "Paris"}, {"prompt": "x", "answer": ""}]
+    want = [utils.env.from_string(template).render(**d) for d in docs]
+    compiles = []
+    original = utils.env.from_string
+    utils.apply_template("{{ warm }}", {"warm": 1})
+    try:
+        utils.env.from_string = lambda s: (compiles.append(s), original(s))[1]
+        got = [utils.apply_template(template + " ", d) for d in docs]
+    finally:
+        utils.env.from_string = original
+    assert got == [w + " " for w in want] and compiles == [template + " "]
+    with pytest.raises(Exception, match="missing"):   # lm-eval's StrictUndefined still applies
+        utils.apply_template("{{ missing }}", {})
