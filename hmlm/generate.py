@@ -7,8 +7,9 @@ prompt; generated text never re-routes).
 
 With an anchor that offers `new_cache()` (openlm, hf) the prompt runs once and each step feeds only the new token;
 an anchor without one (a third-party plugin) recomputes the whole sequence per step. Both give the same tokens
-(tests/test_generate.py). One sequence at a time: rows of different prompt lengths would need left padding and an
-attention mask that the anchors' cache contract does not have, and one row already makes a step O(context).
+(tests/test_generate.py). `generate_rows` decodes several prompts of one length together (lm-eval's generation
+tasks, `generate_texts`): rows of different lengths would need left padding and an attention mask that the anchors'
+cache contract does not have, so callers group prompts by length.
 
 Sampling (`Sampling`): greedy when temperature is 0, otherwise softmax(logits / temperature) restricted to the
 smallest set of tokens whose probability reaches top_p, drawn from a generator seeded with `seed` (same seed, same
@@ -72,26 +73,44 @@ def has_cache(anchor: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def generate_rows(anchor: nn.Module, prompts: Sequence[Sequence[int]], *, memory: MemoryContext | None,
+                  sampling: Sampling, use_cache: bool = True) -> Iterator[list[int]]:
+    """The decoding loop: per step, the next token id of every row, for prompts of one length with `memory` holding
+    one row per prompt (or None); at most `sampling.max_new_tokens` steps, and the caller stops iterating once it has
+    what it needs. Rows never interact (no padding is needed, so no attention mask), so a row's greedy tokens are
+    the ones it gets alone, up to the float rounding of a batched matmul. Sampled rows draw from one generator in
+    row order: a seed reproduces the whole batch, not each row alone."""
+    if not prompts or any(len(p) != len(prompts[0]) for p in prompts):
+        raise ValueError("generate_rows needs prompts of one length (group them by length)")
+    if not prompts[0]:
+        raise GenerateError("the prompt has no tokens; give some text (or a BOS/prefix token)")
+    device = next(anchor.parameters()).device
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    cache = anchor.new_cache() if use_cache and has_cache(anchor) else None
+    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+    feed = ids
+    for _ in range(sampling.max_new_tokens):
+        with autocast_for(device):
+            logits = anchor(feed, memory=memory, cache=cache) if cache is not None else anchor(feed, memory=memory)
+        last = logits[:, -1]
+        if sampling.temperature == 0:
+            step = last.argmax(-1)
+        else:
+            step = torch.tensor([next_token(row, sampling, generator) for row in last], device=device)
+        yield step.tolist()
+        ids = torch.cat([ids, step[:, None]], dim=1)
+        feed = step[:, None] if cache is not None else ids
+
+
 def generate_ids(anchor: nn.Module, prompt: Sequence[int], *, memory: MemoryContext | None, sampling: Sampling,
                  eos_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
     """Yield up to `sampling.max_new_tokens` token ids continuing `prompt`; ends early at `eos_id` (not yielded)."""
     if not prompt:
         raise GenerateError("the prompt has no tokens; give some text (or a BOS/prefix token)")
-    device = next(anchor.parameters()).device
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = anchor.new_cache() if use_cache and has_cache(anchor) else None
-    ids = list(prompt)
-    feed = ids
-    for _ in range(sampling.max_new_tokens):
-        x = torch.tensor([feed], dtype=torch.long, device=device)
-        with autocast_for(device):
-            logits = anchor(x, memory=memory, cache=cache) if cache is not None else anchor(x, memory=memory)
-        tok = next_token(logits[0, -1], sampling, generator)
+    for (tok,) in generate_rows(anchor, [prompt], memory=memory, sampling=sampling, use_cache=use_cache):
         if tok == eos_id:
             return
         yield tok
-        ids.append(tok)
-        feed = [tok] if cache is not None else ids
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -135,6 +154,27 @@ def generate_text(anchor: nn.Module, prompt: Sequence[int], *, memory: MemoryCon
     """The whole continuation as text (see `stream_text`)."""
     tokens = generate_ids(anchor, prompt, memory=memory, sampling=sampling, eos_id=eos_id, use_cache=use_cache)
     return "".join(stream_text(tokens, decode, sampling.stop))
+
+
+def generate_texts(anchor: nn.Module, prompts: Sequence[Sequence[int]], *, memory: MemoryContext | None,
+                   sampling: Sampling, decode: Callable[[list[int]], str], stops: Sequence[Sequence[str]],
+                   eos_id: int | None = None, use_cache: bool = True) -> list[str]:
+    """`generate_text` for several prompts of one length in one batch (one forward per step for all rows; see
+    `generate_rows`), each row with its own stop strings; decoding ends when every row has hit its end of
+    sequence, a stop string or `sampling.max_new_tokens`."""
+    tokens: list[list[int]] = [[] for _ in prompts]
+    live = set(range(len(prompts)))
+    for step in generate_rows(anchor, prompts, memory=memory, sampling=sampling, use_cache=use_cache):
+        for row in sorted(live):
+            if step[row] == eos_id:
+                live.discard(row)
+                continue
+            tokens[row].append(step[row])
+            if any(s and s in decode(tokens[row]) for s in stops[row]):
+                live.discard(row)
+        if not live:
+            break
+    return ["".join(stream_text(t, decode, stop)) for t, stop in zip(tokens, stops)]
 
 
 def fit_prompt(prompt: list[int], max_length: int, max_new_tokens: int) -> list[int]:

@@ -110,14 +110,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     labels = labels.to(hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, weights)
+    return (linear_token_nll(hidden, weight, labels) * weights).sum()
+
+
+def linear_token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float32 NLL [N] of each label under the head (no gradients), chunk by chunk; ignored labels read column 0
+    (their NLL is meaningless: weight or mask them out)."""
+    labels = labels.to(hidden.device)
     dtype = compute_dtype(hidden)
     w = weight.to(dtype)
     rows = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
-        nll = _chunk_log_probs(hidden[start:start + rows].to(dtype), w, labels[start:start + rows])[1]
-        total = total + (nll * weights[start:start + rows]).sum()
-    return total
+        out[start:start + rows] = _chunk_log_probs(hidden[start:start + rows].to(dtype), w,
+                                                   labels[start:start + rows])[1]
+    return out
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -127,10 +134,31 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return (nll * weights.flatten().to(nll.dtype)).sum()
 
 
+def has_fused_head(anchor: torch.nn.Module) -> bool:
+    """Whether the anchor exposes `hidden_states` and `output_weight`, so that logits are needed only where used."""
+    return hasattr(anchor, "hidden_states") and hasattr(anchor, "output_weight")
+
+
 def lm_nll(anchor: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
            memory: Any = None, doc_ids: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
     """Σ weights · NLL of `labels` under `anchor` (with `memory`, a MemoryContext or None); see the module docstring."""
-    if fused and hasattr(anchor, "hidden_states") and hasattr(anchor, "output_weight"):
+    if fused and has_fused_head(anchor):
         hidden = anchor.hidden_states(input_ids, memory=memory, doc_ids=doc_ids)
         return linear_cross_entropy(hidden.flatten(0, 1), anchor.output_weight(), labels.flatten(), weights.flatten())
     return weighted_cross_entropy(anchor(input_ids, memory=memory, doc_ids=doc_ids), labels, weights)
+
+
+@torch.no_grad()
+def lm_token_nll(anchor: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, memory: Any = None,
+                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 NLL [B, T] of each label under `anchor`, 0 at ignored labels, for evaluation (no gradients): the
+    fused head and chunked log-softmax of `lm_nll` where the anchor offers them, so per-row or per-group sums
+    (held-out perplexity per leaf) never materialise the batch's logits."""
+    if has_fused_head(anchor):
+        hidden = anchor.hidden_states(input_ids, memory=memory, doc_ids=doc_ids)
+        nll = linear_token_nll(hidden.flatten(0, 1), anchor.output_weight(), labels.flatten()).view(labels.shape)
+    else:
+        logits = anchor(input_ids, memory=memory, doc_ids=doc_ids)
+        nll = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten().to(logits.device),
+                              ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    return nll.masked_fill(labels.to(nll.device) == IGNORE_INDEX, 0.0)

@@ -188,6 +188,32 @@ def test_leaf_perplexity_matches_heldout_perplexity(loaded):
     assert sum(b["tokens"] for b in by_leaf["bins"]) == by_leaf["tokens"] == sum(x["tokens"] for x in by_leaf["leaves"])
 
 
+def test_one_pass_over_all_modes_equals_each_mode_from_full_logits(loaded):
+    # the per-leaf sums of one pass for all modes (fused head, chunked log-softmax) against each mode alone, scored
+    # from the full logits with cross_entropy as the report once did
+    from torch.utils.data import DataLoader
+
+    from hmlm.data.packing import SequenceShards
+    from hmlm.eval.perplexity import leaf_nll
+
+    index_dir = Path(loaded.meta["index"]["dir"])
+    modes = ["fetched", "generic", "none"]
+    count, nll = leaf_nll(loaded, index_dir, modes=modes, batch_size=3)
+    for mode in modes:
+        alone = leaf_nll(loaded, index_dir, modes=[mode], batch_size=8)
+        assert alone[0] == count and alone[1][mode] == pytest.approx(nll[mode], rel=1e-5)
+        want: dict[int, float] = {}
+        for batch in DataLoader(SequenceShards(index_dir / "shards", "val"), batch_size=4):
+            with torch.no_grad():
+                logits = loaded.model(batch["input_ids"], paths=batch["path"], memory=mode,
+                                      doc_ids=batch["doc_ids"] if loaded.recipe.data.doc_mask else None)
+            rows = F.cross_entropy(logits.float().transpose(1, 2), batch["labels"], reduction="none").sum(1)
+            for leaf, value in zip(batch["path"][:, -1].tolist(), rows.tolist()):
+                want[leaf] = want.get(leaf, 0.0) + value
+        assert nll[mode] == pytest.approx(want, rel=1e-5)
+    assert len({round(sum(nll[m].values()), 3) for m in modes}) == 3   # the modes differ: each ran its own memory
+
+
 @pytest.fixture(scope="module")
 def anchor_model_dir(tiny_model_dir, small_corpus, tmp_path_factory) -> Path:
     """A second tiny model: anchor only (no bank), sharing the first one's index."""
@@ -241,3 +267,23 @@ def test_callback_logs_bucket_accuracies(loaded):
     assert any(k.startswith("eval/hmlm_atomic_number/fetched/acc_bucket_") for k in metrics)
     assert loaded.model.training   # restored after evaluation
     loaded.model.eval()
+
+
+def test_lm_eval_templates_are_compiled_once_and_render_the_same():
+    # importing the adapter installed hmlm.eval.templates: same text as lm-eval's per-document compile
+    import lm_eval.utils as utils
+
+    template = "{{ prompt | regex_replace('\\\\s+', ' ') }}{% if answer %} -> {{ answer }}{% endif %}"
+    docs = [{"prompt": "The  capital of\nFrance is", "answer": "Paris"}, {"prompt": "x", "answer": ""}]
+    want = [utils.env.from_string(template).render(**d) for d in docs]
+    compiles = []
+    original = utils.env.from_string
+    utils.apply_template("{{ warm }}", {"warm": 1})
+    try:
+        utils.env.from_string = lambda s: (compiles.append(s), original(s))[1]
+        got = [utils.apply_template(template + " ", d) for d in docs]
+    finally:
+        utils.env.from_string = original
+    assert got == [w + " " for w in want] and compiles == [template + " "]
+    with pytest.raises(Exception, match="missing"):   # lm-eval's StrictUndefined still applies
+        utils.apply_template("{{ missing }}", {})

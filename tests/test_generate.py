@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmlm.generate import GenerateError, Sampling, generate_ids, sampling_from, stream_text
+from hmlm.generate import (GenerateError, Sampling, generate_ids, generate_rows, generate_text, generate_texts,
+                           sampling_from, stream_text)
 
 from test_anchor_cache import ANCHORS, VOCAB, _with_memory
 
@@ -24,6 +25,43 @@ def test_cached_and_uncached_decoding_give_the_same_tokens(name, kind, sampling)
     plain = list(generate_ids(anchor, prompt, memory=memory, sampling=sampling, use_cache=False))
     assert cached == plain
     assert len(cached) == sampling.max_new_tokens
+
+
+@pytest.mark.parametrize("name,kind", [("openlm", "ffn"), ("openlm", "kv"), ("hf-llama", "ffn")])
+def test_a_batch_of_prompts_decodes_each_row_as_alone(name, kind):
+    # rows of one batch on different tree paths: each row gets its own blocks and the greedy tokens it gets alone
+    anchor = ANCHORS[name]()
+    model = _with_memory(anchor, kind)
+    g = torch.Generator().manual_seed(2)
+    prompts = torch.randint(0, VOCAB, (4, 5), generator=g).tolist()
+    paths = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 1]])
+    memory = model.memory_context(paths, "fetched")
+    s = Sampling(max_new_tokens=9)
+    batched = list(zip(*generate_rows(anchor, prompts, memory=memory, sampling=s)))
+    for row, prompt in enumerate(prompts):
+        alone = list(generate_ids(anchor, prompt, memory=model.memory_context(paths[row:row + 1], "fetched"),
+                                  sampling=s))
+        assert list(batched[row]) == alone
+    for use_cache in (True, False):   # the uncached loop runs the same batch
+        assert list(zip(*generate_rows(anchor, prompts, memory=memory, sampling=s, use_cache=use_cache))) == batched
+    with pytest.raises(ValueError, match="one length"):
+        next(generate_rows(anchor, [[1, 2], [3]], memory=None, sampling=s))
+
+
+def test_batched_texts_stop_per_row_as_generate_text_does():
+    anchor = ANCHORS["openlm"]()
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    s = Sampling(max_new_tokens=10)
+    # the tiny random model repeats one token; a position-dependent decoding gives each row distinct characters
+    decode = lambda toks: "".join(chr(97 + (t + i) % 26) for i, t in enumerate(toks))  # noqa: E731
+    alone = [generate_text(anchor, p, memory=None, sampling=s, decode=decode) for p in prompts]
+    # each row's stop strings from its own text, hit at different steps; row 1 ends at its end-of-sequence id
+    stops = [(alone[0][4:6],), (), (alone[2][1], "never")]
+    eos = list(generate_ids(anchor, prompts[1], memory=None, sampling=s))[0]
+    want = [generate_text(anchor, p, memory=None, sampling=Sampling(max_new_tokens=10, stop=tuple(st)),
+                          decode=decode, eos_id=eos) for p, st in zip(prompts, stops)]
+    assert want == [alone[0][:4], "", alone[2][:1]]
+    assert generate_texts(anchor, prompts, memory=None, sampling=s, decode=decode, stops=stops, eos_id=eos) == want
 
 
 def test_memory_changes_the_decoded_tokens():

@@ -37,15 +37,17 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from . import EvalError, quiet
+from . import EvalError, quiet, templates
 from .memory_spec import MemorySpec, parse_memory  # noqa: F401  (re-exported: hmlm.eval.adapter.parse_memory)
 from ..export import LoadedModel, load_model_dir
-from ..generate import Sampling, autocast_for, fit_prompt, generate_text
+from ..generate import Sampling, autocast_for, fit_prompt, generate_texts
+from ..loss import has_fused_head
 from ..protocols import MemoryContext
 
 DEFAULT_BATCH_SIZE = 32
 
-quiet.install()   # no "fatal: not a git repository" from lm-eval's simple_evaluate
+quiet.install()       # no "fatal: not a git repository" from lm-eval's simple_evaluate
+templates.install()   # lm-eval's prompt templates compiled once, not per document
 
 
 def _word_prefix(texts: Sequence[str]) -> str:
@@ -209,13 +211,13 @@ class HMLMEvalLM(TemplateLM):
             for row, i in enumerate(idx):
                 inp = seqs[i][0][:-1]
                 ids[row, :len(inp)] = torch.tensor(inp)
-            with self._autocast():
-                logits = self.model(ids.to(self._device), paths=paths[idx].to(self._device),
-                                    memory=self.memory.model_mode)
-            for row, i in enumerate(idx):
-                full, n_cont = seqs[i]
-                n = len(full) - 1
-                out[i] = _continuation_score(logits[row, n - n_cont:n], full[-n_cont:])
+            with self._autocast():   # the memory is fetched in autocast's dtype, as training fetched it
+                memory = self.model.memory_context(paths[idx].to(self._device), self.memory.model_mode)
+                states, head = _positions(self.model.anchor, ids.to(self._device), memory=memory)
+                for row, i in enumerate(idx):
+                    full, n_cont = seqs[i]
+                    n = len(full) - 1
+                    out[i] = _continuation_score(head(states[row, n - n_cont:n]), full[-n_cont:])
         return out
 
     def _shared_contexts(self, seqs: list[tuple[list[int], int]], paths: torch.Tensor, live: list[int]
@@ -250,11 +252,11 @@ class HMLMEvalLM(TemplateLM):
             for row, tail in enumerate(tails):
                 ids[row, :len(tail)] = torch.tensor(tail)
             with self._autocast():
-                logits = anchor(ids.to(self._device), memory=_repeat_memory(memory, len(idx)),
-                                cache=cache.repeat(len(idx)))
-            for row, i in enumerate(idx):
-                full, n_cont = seqs[i]
-                out[i] = _continuation_score(logits[row, :n_cont], full[-n_cont:])
+                states, head = _positions(anchor, ids.to(self._device), memory=_repeat_memory(memory, len(idx)),
+                                          cache=cache.repeat(len(idx)))
+                for row, i in enumerate(idx):
+                    full, n_cont = seqs[i]
+                    out[i] = _continuation_score(head(states[row, :n_cont]), full[-n_cont:])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         texts = [_args(req)[0] for req in requests]
@@ -277,7 +279,7 @@ class HMLMEvalLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding (hmlm.generate, on the anchor's key/value cache) with the memory fetched once per request
-        from the prompt's path; requests that share a path share one fetch."""
+        from the prompt's path, batched over requests whose prompts have one length."""
         contexts, stops, limits = [], [], []
         for req in requests:
             context, kwargs = _args(req)
@@ -292,15 +294,32 @@ class HMLMEvalLM(TemplateLM):
         prompts = [fit_prompt(self.tok_encode(c), self.max_length, n) or [self.prefix_token_id]
                    for c, n in zip(contexts, limits)]
         out = [""] * len(requests)
-        fetched: tuple[tuple[int, ...], MemoryContext | None] | None = None
-        for i in self._order(paths, [len(p) for p in prompts]):
-            key = tuple(paths[i].tolist())
-            if fetched is None or fetched[0] != key:   # sorted by path: each path is fetched once
-                fetched = (key, self.model.memory_context(paths[i:i + 1].to(self._device), self.memory.model_mode))
-            sampling = Sampling(max_new_tokens=max(0, limits[i]), stop=tuple(stops[i]))
-            out[i] = generate_text(self.model.anchor, prompts[i], memory=fetched[1], sampling=sampling,
-                                   decode=self.tok_decode, eos_id=self.tokenizer_.eos_id)
+        # one batch decodes prompts of one length and token budget (no padding: hmlm.generate.generate_rows), in
+        # path order, so rows on one path sit together
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in self._order(paths, [0] * len(prompts)):
+            groups.setdefault((len(prompts[i]), max(0, limits[i])), []).append(i)
+        for (_, limit), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                idx = members[start:start + self.batch_size]
+                memory = self.model.memory_context(paths[idx].to(self._device), self.memory.model_mode)
+                texts = generate_texts(self.model.anchor, [prompts[i] for i in idx], memory=memory,
+                                       sampling=Sampling(max_new_tokens=limit), decode=self.tok_decode,
+                                       stops=[stops[i] for i in idx], eos_id=self.tokenizer_.eos_id)
+                for i, text in zip(idx, texts):
+                    out[i] = text
         return out
+
+
+def _positions(anchor: Any, ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """(per-position outputs [B, T, ...], head that turns some of them into logits). With an anchor that exposes
+    `hidden_states` and `output_weight` (openlm; hmlm.loss fuses the same pair) the outputs are hidden states and
+    only the positions that are scored go through the vocabulary-wide head: a context's other positions never
+    materialise their logits. Other anchors give logits, and the head is the identity."""
+    if has_fused_head(anchor):
+        weight = anchor.output_weight()
+        return anchor.hidden_states(ids, **kwargs), lambda h: F.linear(h, weight)
+    return anchor(ids, **kwargs), lambda x: x
 
 
 def _continuation_score(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from safetensors.numpy import load_file
-from torch.utils.data import DataLoader
 
 from ..data.packing import SequenceShards
+from .perplexity import leaf_nll
 
 
 def _human(n: int) -> str:
@@ -34,33 +32,14 @@ def decade_bin(tokens: int) -> str:
     return f"{_human(lo)}-{_human(lo * 10)}"   # [lo, 10 lo)
 
 
-@torch.no_grad()
 def perplexity_by_leaf(loaded, index_dir: Path, *, modes: Sequence[str], batch_size: int = 16,
-                       split: str = "val") -> dict:
+                       split: str = "val", progress: bool = False) -> dict:
     """{"overall": {mode: ppl}, "tokens": n, "bins": [{"bin", "train_tokens_min", "leaves", "tokens", "ppl": {mode}}],
     "leaves": [{"leaf", "train_tokens", "tokens", "ppl": {mode}}]} over the index's `split` sequences."""
     index_dir = Path(index_dir)
-    data = SequenceShards(index_dir / "shards", split)
-    levels = data.levels
-    stats = load_file(str(index_dir / "node_stats.safetensors"))
-    train_tokens = stats[f"level{levels}_tokens"]
-    use_doc_ids = loaded.recipe.data.doc_mask
-    device = loaded.device
-    nll: dict[str, dict[int, float]] = {m: {} for m in modes}
-    count: dict[int, int] = {}
-    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["labels"]
-        leaves = batch["path"][:, -1].tolist()
-        n_tok = (labels != -100).sum(1).tolist()
-        for leaf, n in zip(leaves, n_tok):
-            count[leaf] = count.get(leaf, 0) + n
-        for mode in modes:
-            logits = loaded.model(batch["input_ids"], paths=batch["path"], memory=mode,
-                                  doc_ids=batch["doc_ids"] if use_doc_ids else None)
-            loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            for leaf, value in zip(leaves, loss.sum(1).tolist()):
-                nll[mode][leaf] = nll[mode].get(leaf, 0.0) + value
+    count, nll = leaf_nll(loaded, index_dir, modes=modes, batch_size=batch_size, split=split, progress=progress)
+    levels = SequenceShards(index_dir / "shards", split).levels
+    train_tokens = load_file(str(index_dir / "node_stats.safetensors"))[f"level{levels}_tokens"]
     total = max(sum(count.values()), 1)
 
     def ppl(mode: str, leaves: list[int]) -> float:
