@@ -39,7 +39,7 @@ def _case(seed: int, batch: int, ranks: tuple[int, ...], dtype: torch.dtype):
         index = index[torch.randperm(batch, generator=g)]
         tables.append(torch.randn(rows_u, fmt.numel, generator=g).to(dtype).requires_grad_(True))
         indices.append(index)
-        plans.append(plan_level(fmt, index, torch.device("cpu"), offset, r, lambda t, d: t.to(d)))
+        plans.append(plan_level(fmt, index, torch.device("cpu"), offset, r))
         offset += r
     return tables, indices, plans
 

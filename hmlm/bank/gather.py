@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..protocols import TensorSpec
+from .levels import to_device
 from .rows import RowFormat
 
 
@@ -48,9 +49,8 @@ class LevelGather:
     rank: int
 
 
-def plan_level(fmt: RowFormat, index: torch.Tensor, device: torch.device, rank_offset: int, rank: int,
-               to_device) -> LevelGather:
-    """The gather of one level from `index` (CPU, [B]); `to_device` moves small index tensors without a host stall."""
+def plan_level(fmt: RowFormat, index: torch.Tensor, device: torch.device, rank_offset: int, rank: int) -> LevelGather:
+    """The gather of one level from `index` (CPU, [B]); its index tensors reach `device` without a host stall."""
     passes = unique_passes(index)
     order = torch.cat(passes) if passes else torch.zeros(0, dtype=torch.long)
     return LevelGather(fmt, to_device(index, device), tuple(len(p) for p in passes), to_device(order, device),

@@ -373,7 +373,7 @@ class TieredStore:
                 index[gmask] = parts[0].shape[0] if parts else 0
                 parts.append(fmt.flatten(share))
             tables.append(parts[0] if len(parts) == 1 else torch.cat(parts))
-            plans.append(plan_level(fmt, index, dev, offset, r, to_device))
+            plans.append(plan_level(fmt, index, dev, offset, r))
             offset += r
         return gather_layout(spec, plans, batch, tables)
 
