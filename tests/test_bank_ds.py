@@ -201,16 +201,28 @@ def test_zero3_store_is_registered_like_the_built_ins():
     assert registry.get("stores", "zero3") is Zero3Store
 
 
-def test_zero3_store_equals_the_device_store_when_every_row_is_fetched(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def zero3_world():
+    """One gloo world of one process for every zero3 test of this module, torn down after the last: DeepSpeed keeps
+    its process groups in module globals, so a world destroyed between two tests leaves the second with dead groups."""
     if not have_deepspeed():
         pytest.skip("DeepSpeed is not installed")
     op_or_skip("cpu_adam")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)   # the store sets a world of one; restored afterwards
     import importlib
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None   # gloo does the collectives
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            mp.delenv(key, raising=False)   # the store sets a world of one; restored afterwards
+        mp.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)  # gloo collectives
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_zero3_store_equals_the_device_store_when_every_row_is_fetched(zero3_world):
     from hmlm.bank.stores import DeviceStore
     from hmlm.bank.zero3 import Zero3Store
 
@@ -233,9 +245,6 @@ def test_zero3_store_equals_the_device_store_when_every_row_is_fetched(tmp_path,
         results[name] = (losses, {k: store.read_rows(k).params.clone() for k in store.keys()})
         assert store.tier_of("l0") == ("zero3" if name == "zero3" else "device")
         store.close()
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
     torch.testing.assert_close(torch.tensor(results["zero3"][0]), torch.tensor(results["device"][0]),
                                rtol=1e-5, atol=1e-7)
     for key, ref in results["device"][1].items():
@@ -243,11 +252,35 @@ def test_zero3_store_equals_the_device_store_when_every_row_is_fetched(tmp_path,
     assert results["device"][0][-1] < results["device"][0][0]
 
 
-def test_bench_train_has_a_zero3_row(tiny_recipe, tmp_path):
-    """`hmlm bench train --stores zero3`: a measured row where DeepSpeed runs, an error row saying why elsewhere."""
+def test_zero3_store_trains_when_the_steps_fetch_different_keys(zero3_world):
+    """A batch drawn all-generic, then one with no generic sample, then a mix: ZeRO-3 traces the parameters of the
+    first step and refused any other set at the next ("tracing error at step 1" on the GPU, round 4)."""
+    from hmlm.bank.zero3 import Zero3Store
+
+    layout = BankLayout(FFNMemory(), SHAPE, (2, 1), 2, (0, 1))
+    store = Zero3Store(layout, seed=2, generic=True)
+    store.to_compute("cpu")
+    paths = torch.tensor([[0, 0], [1, 3]])
+    before = {k: store.read_rows(k).params.clone() for k in store.keys()}
+    for mask in ([True, True], [False, False], [True, False], [True, True]):
+        fetched = store.fetch(paths, grad=True, generic_mask=torch.tensor(mask))
+        sum((v ** 2).sum() for v in fetched.values()).backward()
+        store.step(lr=1e-2, weight_decay=0.0, grad_clip=0.0)
+    after = {k: store.read_rows(k).params for k in store.keys()}
+    store.close()
+    assert not torch.equal(after["generic"], before["generic"])
+    assert not torch.equal(after["l0"], before["l0"])
+
+
+def test_bench_train_has_a_zero3_row(tiny_recipe, tmp_path, request):
+    """`hmlm bench train --stores zero3`: a measured row where DeepSpeed runs (several steps, so ZeRO-3's trace of
+    the first one is checked against the next), an error row saying why elsewhere."""
     from hmlm.bench.train_step import run_bench
 
+    if have_deepspeed():
+        request.getfixturevalue("zero3_world")
     recipe = tiny_recipe(**{"trainer.batch_size": 2, "data.seq_len": 16})
-    rows = run_bench(recipe, vocab_size=128, stores=["zero3"], steps=1, warmup=0, out=tmp_path / "rows.json")
+    rows = run_bench(recipe, vocab_size=128, stores=["zero3"], steps=4, warmup=1, out=tmp_path / "rows.json")
     assert [r["store"] for r in rows] == [None, "zero3"] and rows[0]["tokens_per_s"] > 0
     assert rows[1].get("tokens_per_s") or "deepspeed" in rows[1]["error"].lower(), rows[1]
+

@@ -177,9 +177,16 @@ class Zero3Store(TieredStore):
                          "for the device it trains on")
 
     def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        # Every call reads every key, in one fixed order (no rows for the keys not requested): ZeRO-3 records the
+        # parameters of the first step and expects the same ones at every later step ("tracing error at step 1"
+        # when a step's batch drew only the generic block, or no generic block).
+        wanted = dict(requests)
+        none = torch.zeros(0, dtype=torch.long)
         self.engine.train(grad)
         with torch.set_grad_enabled(grad):
-            return self.engine(requests)
+            leaves = self.engine([(key, wanted.get(key, none)) for key in self.formats])
+        by_key = dict(zip(self.formats, leaves))
+        return [by_key[key] for key, _ in requests]
 
     def prefetch(self, paths: torch.Tensor, *, with_state: bool = True) -> None:
         """ZeRO-3 gathers whole levels at fetch time; nothing to stage ahead."""
