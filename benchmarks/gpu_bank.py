@@ -122,7 +122,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], io_rows: list[dic
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         note = r.get("error") or r.get("skipped")
-        ops = ", ".join(f"{k}={r[k]}" for k in ("disk_io", "host_update") if r.get(k))
+        ops = ", ".join(f"{k}={r[k]}" for k in ("disk_io", "host_update", "host_read") if r.get(k))
         r = {**r, "config": r["config"] + (f" [{ops}]" if ops else "")}
         tiers = ", ".join(f"{t} {(v['param_bytes'] + v['state_bytes']) / 1e9:.1f} GB"
                           for t, v in sorted((r.get("bank_bytes_by_tier") or {}).items()))

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_bank_ds.sh OUT_DIR [BUDGET_S] [GROUPS]
 #
-# GROUPS (comma-separated, default train,fetch,zero3):
+# GROUPS (comma-separated, default train,fetch,zero3; host160, host410 and hostfetch only when named):
 #   train  one `benchmarks/gpu_bank.py` run at the 160M + 4.6B-bank shape of gpu_bank.sh, batch 8: the anchor alone;
 #          disk tier (bf16 moments) through the thread pool and through DeepSpeed's async I/O (memory.disk_io);
 #          tiers device,device,host with the host level updated on the GPU and by DeepSpeed's CPU Adam
@@ -12,7 +12,13 @@
 #   fetch  `hmlm bench fetch` with the deepest level on disk (host,host,disk), threads vs aio
 #   zero3  the naive baseline: the bank as parameters under DeepSpeed ZeRO-3 with CPU offload (memory.store=zero3),
 #          2 timed steps (its dense CPU AdamW over 4.6B parameters takes seconds per step)
+#   host160 the host tier at the 160M + 4.6B shape, batch 16, bf16 moments, tiers device,device,host: rows read staged
+#          or from page-locked host RAM by a UVA kernel or per-row DMA (memory.host_read), updated on the GPU or by
+#          DeepSpeed's CPU Adam
+#   host410 the same three rows at the 410M + 12.7B shape (memory (512,128,32,0)), batch 8
+#   hostfetch `hmlm bench fetch --tiers host` with memory.host_read=staged, =uva and =pinned (only when named)
 # Rows are written as they finish: OUT_DIR/train/bank_rows.json + bank.md, OUT_DIR/fetch_{threads,aio}.json,
+# OUT_DIR/fetch_host_{staged,uva,pinned}.json, OUT_DIR/host{160,410}/bank_rows.json + bank.md,
 # OUT_DIR/zero3/bank_rows.json + bank.md; OUT_DIR/tools.txt (compilers, libaio), OUT_DIR/build_*.log (op builds).
 #
 # Needs: the carried wheels of deepspeed and its dependencies in .gpu-ds/ (installed into $HMLM_DS_SITE, default
@@ -101,6 +107,28 @@ if [[ "$groups" == *,fetch,* ]]; then
     run "fetch_$io" 40 "$py" -m hmlm.cli bench fetch --recipe "$here/recipes/quickstart.yaml" --tiers "host,host,disk" \
       --prompts "$prompts" --disk-dir "$disk/fetch" --out "$out/fetch_$io.json" "${fetch[@]}" "memory.disk_io=$io"
     rm -rf "$disk/fetch"
+  done
+fi
+host_plans="device,device,host@bf16+memory.host_update=gpu+memory.host_read=staged"
+host_plans+=";device,device,host@bf16+memory.host_update=gpu+memory.host_read=uva"
+host_plans+=";device,device,host@bf16+memory.host_update=gpu+memory.host_read=pinned"
+host_plans+=";device,device,host@bf16+memory.host_update=cpu_adam+memory.host_read=staged"
+if [[ "$groups" == *,host160,* ]]; then
+  [ "$tiny" = 1 ] && b16=8 || b16=16
+  run host160 150 "$py" "$here/benchmarks/gpu_bank.py" --out "$out/host160" --budget-s $(($(left) - 15)) \
+    --disk-dir "$disk" --batches "$b16" --bankio-tiers "" --plans "$host_plans" "${bank[@]}"
+fi
+if [[ "$groups" == *,host410,* ]]; then
+  big=(anchor.options.preset=410m "memory.sizes=[512,128,32,0]")
+  [ "$tiny" = 1 ] && big=()
+  run host410 170 "$py" "$here/benchmarks/gpu_bank.py" --out "$out/host410" --budget-s $(($(left) - 15)) \
+    --disk-dir "$disk" --batches 8 --bankio-tiers "" --plans "$host_plans" "${bank[@]}" "${big[@]}"
+fi
+if [[ "$groups" == *,hostfetch,* ]]; then
+  for read in staged uva pinned; do
+    run "fetch_host_$read" 30 "$py" -m hmlm.cli bench fetch --recipe "$here/recipes/quickstart.yaml" --tiers "host" \
+      --prompts "$prompts" --disk-dir "$disk/fetch" --out "$out/fetch_host_$read.json" "${fetch[@]}" \
+      "memory.host_read=$read"
   done
 fi
 if [[ "$groups" == *,zero3,* ]]; then

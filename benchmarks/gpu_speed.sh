@@ -10,7 +10,7 @@
 #   part 1: ref_b8                 reference, B=8: anchor alone eager and compiled
 #           hmlm_160m_b8_eager     160M anchor alone, then + memory (256,64,16,0) on the device store, eager
 #           hmlm_160m_b8_compiled  the same with --compile (trainer.compile: forward, memory, loss, backward)
-#   part 2: ref_b16, hmlm_160m_b16_eager / _compiled (anchor alone, B=16)
+#   part 2: ref_b16, hmlm_160m_b16_eager / _compiled (anchor alone, then + memory with bf16 moments, B=16)
 #           hmlm_410m_b8_eager / _compiled                 410M anchor alone
 #   part 3: ref_b8_memory          the reference's rows with per-sample memory given as tensors (a second compile)
 #           hmlm_160m_b8_docmask_compiled   packed documents (flex attention under compile), anchor alone
@@ -136,8 +136,10 @@ if want 1; then
 fi
 if want 2; then
   run ref_b16 75 reference 16 ref_compiled
-  run hmlm_160m_b16_eager 30 bench hmlm_160m_b16_eager trainer.batch_size=16 --stores ""
-  run hmlm_160m_b16_compiled 80 bench hmlm_160m_b16_compiled trainer.batch_size=16 --stores "" --compile
+  # with memory as at batch 8, bf16 moments (fp32 ones beside a batch of 16 do not fit in 80 GB)
+  run hmlm_160m_b16_eager 30 bench hmlm_160m_b16_eager trainer.batch_size=16 memory.optim_state=bf16 --stores device
+  run hmlm_160m_b16_compiled 80 bench hmlm_160m_b16_compiled trainer.batch_size=16 memory.optim_state=bf16 \
+    --stores device --compile
   run hmlm_410m_b8_eager 40 bench hmlm_410m_b8_eager anchor.options.preset=410m trainer.batch_size=8 --stores ""
   run hmlm_410m_b8_compiled 90 bench hmlm_410m_b8_compiled anchor.options.preset=410m trainer.batch_size=8 --stores "" \
     --compile

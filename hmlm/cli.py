@@ -343,11 +343,12 @@ def _bench(args, recipe) -> int:
                                prompts=args.prompts, cache_mb=args.cache_mb, disk_dir=args.disk_dir, out=args.out)
         table = Table(title=f"route + fetch of one memory ({rows[0]['fetched_params']:,} parameters), "
                             f"{rows[0]['device']}, ms")
-        for col in ("tiers", "phase", "route p50", "fetch p50", "fetch p90", "total p50", "direct I/O"):
+        for col in ("tiers", "phase", "route p50", "fetch p50", "fetch p90", "total p50", "direct I/O", "host read"):
             table.add_column(col, justify="left" if col in ("tiers", "phase") else "right")
         for r in rows:
             table.add_row(r["tiers"], r["phase"], str(r["route_ms"]["p50"]), str(r["fetch_ms"]["p50"]),
-                          str(r["fetch_ms"]["p90"]), str(r["total_ms"]["p50"]), str(r["direct_io"]))
+                          str(r["fetch_ms"]["p90"]), str(r["total_ms"]["p50"]), str(r["direct_io"]),
+                          str(r.get("host_read") or "-"))
         console.print(table)
         return 0
 

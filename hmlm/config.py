@@ -126,6 +126,11 @@ class MemoryConfig:
     # 1.07x faster in the one row measured (batch 8, fp32 moments; docs/benchmarks.md), not yet at batch 16 or with
     # bf16 moments, so the default waits for those rows
     host_update: str = "auto"
+    # how host-tier rows reach the GPU (hmlm/bank/uva.py): staged = a CPU thread copies them into pinned buffers, then
+    # one DMA copy; pinned = one DMA per row straight from the page-locked host tensors; uva = a GPU kernel reads them
+    # from there (unified virtual addressing). pinned and uva page-lock the level's host RAM in place on first use
+    # (all of it is then committed); auto = staged
+    host_read: str = "auto"
     cache_mb: float = 0.0        # inference: an LRU of fetched host/disk blocks kept on the device (0 = off)
 
 
@@ -446,6 +451,9 @@ def validate(r: Recipe, source: str) -> None:
             bad(f"memory.{key}", f"must be >= 0 (or null = measured), got {value}")
     if r.memory.disk_io not in ("auto", "aio", "threads"):
         bad("memory.disk_io", f"got {r.memory.disk_io!r}, expected auto, aio (DeepSpeed async I/O) or threads")
+    if r.memory.host_read not in ("auto", "staged", "pinned", "uva"):
+        bad("memory.host_read", f"got {r.memory.host_read!r}, expected auto, staged, pinned (one DMA per row from "
+                                "page-locked host RAM) or uva (a GPU kernel reads them)")
     if r.memory.host_update not in ("auto", "gpu", "cpu_adam"):
         bad("memory.host_update", f"got {r.memory.host_update!r}, expected auto, gpu or cpu_adam (DeepSpeed CPU Adam)")
     if r.memory.host_update == "cpu_adam" and r.memory.optim_state == "factored":

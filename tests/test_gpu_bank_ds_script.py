@@ -16,7 +16,7 @@ def test_gpu_bank_ds_script_tiny(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "GPU_BANK_DS_TINY": "1",
            "TMPDIR": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", "benchmarks/gpu_bank_ds.sh", str(out), "600", "train,zero3"], cwd=ROOT, env=env,
+    proc = subprocess.run(["bash", "benchmarks/gpu_bank_ds.sh", str(out), "600", "train,zero3,host160"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tools = (out / "tools.txt").read_text()
@@ -32,6 +32,11 @@ def test_gpu_bank_ds_script_tiny(tmp_path):
             assert any(why in r["error"].lower() for why in ("deepspeed", "libaio")), r["error"]
         else:
             assert r["tokens_per_s"] > 0 and r["ratio_vs_anchor"] is not None
+    host = json.loads((out / "host160" / "bank_rows.json").read_text())["train"]
+    # staged and UVA reads (UVA is the staged read on the CPU) updated on the GPU path, then the CPU Adam row
+    assert [(r.get("host_update"), r.get("host_read")) for r in host[1:] if not r.get("error")][:2] == \
+        [("gpu", "staged"), ("gpu", "staged")]
+    assert all(r.get("tokens_per_s") or "deepspeed" in r["error"].lower() for r in host[1:]), host
     zero3 = json.loads((out / "zero3" / "bank_rows.json").read_text())["train"]
     assert zero3[-1].get("tokens_per_s") or "deepspeed" in zero3[-1]["error"].lower(), zero3[-1]
     assert "gpu_bank_ds.sh:" in proc.stdout and not (tmp_path / "hmlm-gpu-bank-ds").exists()

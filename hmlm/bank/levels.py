@@ -452,6 +452,10 @@ class PipelinedLevel(Level):
         self.staged: dict[int, list[tuple[_Staged, int]]] = {}   # row -> stage tasks holding it, oldest first
         self.pending: list[Future] = []
         self.stats = {"recent": 0, "staged": 0, "sync": 0}
+        # memory.host_read (hmlm/bank/uva.py): `uva` = a GPU kernel gathers host rows from page-locked host RAM,
+        # `pinned` = one DMA per row from it; set by the store after construction, host tier on CUDA only
+        self.host_read = "staged"
+        self.pinned = None
 
     @property
     def disk(self) -> bool:
@@ -463,6 +467,8 @@ class PipelinedLevel(Level):
         """Read rows from the storage into (pinned) host buffers and on to the compute device; verify disk reads."""
         if self.disk:
             host = self.storage.read(rows, with_state, state_mask, verify=self.verify_reads and not self.cuda)
+        elif self.cuda and self.host_read in ("uva", "pinned"):
+            return self._read_locked(rows, with_state, state_mask)
         else:
             host = self.storage.read(rows, with_state, state_mask,
                                      out=empty_batch(self.fmt, len(rows), torch.device("cpu"), with_state,
@@ -473,6 +479,37 @@ class PipelinedLevel(Level):
             dev = host.to(self.fmt, self.compute_device, non_blocking=True)
             if self.verify_reads:
                 self.storage.verify(rows, dev.rec, with_state, state_mask)  # checksums on the GPU; blocks this thread
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return dev, event
+
+    def _read_locked(self, rows: torch.Tensor, with_state: bool,
+                     state_mask: torch.Tensor) -> tuple[RowBatch, object]:
+        """memory.host_read=uva|pinned: the rows (and moments) read on the side stream straight from the page-locked
+        host tensors, by a gather kernel (uva) or one copy-engine DMA per row (pinned); the same values as the staged
+        read, never-written moments read as zeros."""
+        from .uva import PinnedHost, copy_rows, gather_rows
+
+        st = self.storage
+        if self.pinned is None:
+            self.pinned = PinnedHost()
+        self.pinned.pin(st.params, st.m, st.v)
+        read = gather_rows if self.host_read == "uva" else copy_rows
+        with torch.cuda.device(self.compute_device), torch.cuda.stream(self.stream):
+            idx = to_device(rows, self.compute_device) if self.host_read == "uva" else rows
+            dev = empty_batch(self.fmt, len(rows), self.compute_device, with_state)
+            read(st.params, idx, dev.params)
+            if with_state:
+                if st.m is None:
+                    dev.m.zero_()
+                    dev.v.zero_()
+                else:
+                    read(st.m, idx, dev.m)
+                    read(st.v, idx, dev.v)
+                    if not st.dense_state and not bool(state_mask.all()):
+                        fresh = to_device(~state_mask, self.compute_device)
+                        dev.m[fresh] = 0
+                        dev.v[fresh] = 0
             event = torch.cuda.Event()
             event.record(self.stream)
         return dev, event
@@ -654,6 +691,8 @@ class PipelinedLevel(Level):
         self.staged.clear()
         self.recent = None
         self.version += 1
+        if self.pinned is not None:
+            self.pinned.release()   # a restriction or restore may have replaced the host tensors
 
     def read_range(self, a: int, b: int, with_state: bool) -> RowBatch:
         self.flush()
@@ -673,6 +712,8 @@ class PipelinedLevel(Level):
             self.flush()
         finally:
             self.worker.shutdown(wait=True)
+            if self.pinned is not None:
+                self.pinned.release()
             self.storage.close()
 
 

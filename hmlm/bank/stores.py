@@ -123,7 +123,7 @@ class TieredStore:
                  seed: int = 0, init: bool = True, tiers: Sequence[str] | None = None, optim_state: str = "fp32",
                  disk_dir: str | Path | None = None, io_threads: int = 8, cache_mb: float = 0.0,
                  io_factory: BlockIOFactory | None = None, updater: RowUpdater | None = None,
-                 open_disk: bool = True, disk_io: str = "auto", host_update: str = "auto"):
+                 open_disk: bool = True, disk_io: str = "auto", host_update: str = "auto", host_read: str = "auto"):
         self.layout = layout
         self.open_disk = open_disk   # reopen an existing disk-tier level file (training resumes; not inference)
         self.dtype = dtype
@@ -137,6 +137,10 @@ class TieredStore:
         from .cpu_adam import resolve_host_update
 
         self.host_update = resolve_host_update(host_update, optim_state)
+        from .uva import resolve_host_read
+
+        resolve_host_read(host_read, torch.device("cpu"))   # refuses a bad value now; resolved per device later
+        self.host_read = host_read
         self._host_adam = None   # cpu_adam.HostAdam, made at the first update of a host level
         self.updater: RowUpdater = updater or fused_adamw
         self.compute_device = torch.device("cpu")
@@ -181,7 +185,7 @@ class TieredStore:
         return cls(layout, generic=memory_cfg.generic, dtype=DTYPES[memory_cfg.dtype], seed=seed, init=init,
                    tiers=tiers, optim_state=memory_cfg.optim_state, disk_dir=memory_cfg.disk_dir,
                    io_threads=memory_cfg.io_threads, cache_mb=memory_cfg.cache_mb, open_disk=training,
-                   disk_io=memory_cfg.disk_io, host_update=memory_cfg.host_update)
+                   disk_io=memory_cfg.disk_io, host_update=memory_cfg.host_update, host_read=memory_cfg.host_read)
 
     @property
     def has_generic(self) -> bool:
@@ -238,8 +242,12 @@ class TieredStore:
         if tier == "device":
             return DeviceLevel(key, fmt, nodes, dev)
         if tier == "host":
-            return PipelinedLevel(key, fmt, nodes, dev, TensorStorage(fmt, nodes, torch.device("cpu"),
-                                                                      dense_state=False), "host")
+            from .uva import resolve_host_read
+
+            level = PipelinedLevel(key, fmt, nodes, dev, TensorStorage(fmt, nodes, torch.device("cpu"),
+                                                                       dense_state=False), "host")
+            level.host_read = resolve_host_read(self.host_read, dev)
+            return level
         assert self.disk_dir is not None
         path = self.disk_dir / f"{key}.level"
         if not create and not self.open_disk:
@@ -265,6 +273,10 @@ class TieredStore:
                 level.invalidate()
                 level.cuda = device.type == "cuda"
                 level.stream = torch.cuda.Stream(device) if level.cuda else None
+                if not level.disk:
+                    from .uva import resolve_host_read
+
+                    level.host_read = resolve_host_read(self.host_read, device)
                 if isinstance(level.storage, FileStorage):
                     level.storage.pin = level.cuda
                     level.storage.checksum_device = device
@@ -558,12 +570,14 @@ class TieredStore:
         return self.host_update == "cpu_adam" and self.tiers.get(key) == "host"
 
     def ops_used(self) -> dict[str, str | None]:
-        """The block I/O serving the disk tier (aio | threads) and where host rows are updated (gpu | cpu_adam);
-        None where the bank has no such level (bench rows record them)."""
+        """The block I/O serving the disk tier (aio | threads), where host rows are updated (gpu | cpu_adam) and how
+        they are read (staged | uva); None where the bank has no such level (bench rows record them)."""
         ios = [getattr(getattr(lv, "storage", None), "io", None) for lv in self.levels.values() if lv.tier == "disk"]
         ios = [io for io in ios if io is not None]
+        host = [lv for lv in self.levels.values() if lv.tier == "host"]
         return {"disk_io": getattr(ios[0], "backend", "threads") if ios else None,
-                "host_update": self.host_update if "host" in self.tiers.values() else None}
+                "host_update": self.host_update if "host" in self.tiers.values() else None,
+                "host_read": getattr(host[0], "host_read", None) if host else None}
 
     def host_adam(self):
         if self._host_adam is None:

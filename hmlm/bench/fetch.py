@@ -105,7 +105,7 @@ def measure_tiers(recipe: Recipe, *, vocab_size: int, tiers: str, prompts: int, 
     info = {"tiers": ",".join(store.tier_of(f"l{lvl}") for lvl in layout.active_levels),
             "fetched_params": layout.fetched_params(), "bank_params": layout.bank_params(),
             "fill_s": round(fill_s, 2), "direct_io": direct if "disk" in store.tiers.values() else None,
-            "disk_io": store.ops_used()["disk_io"],
+            "disk_io": store.ops_used()["disk_io"], "host_read": store.ops_used()["host_read"],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     store.close()
     return [{**info, **r} for r in rows]
