@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device LRU of host/disk blocks for the cached phase (default: every level but the deepest)")
     b.add_argument("--disk-dir", type=Path, default=Path("runs/bench-fetch"), help="where disk-tier files go")
     b.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    b.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="also profile the warm fetch (torch.profiler: host/device time, top kernels) into DIR")
     b = bench.add_parser("generate", help="decode latency per token of a model dir per memory mode, KV cache on/off")
     b.add_argument("--model", required=True, metavar="DIR")
     b.add_argument("--memory", default="fetched,none", help="comma-separated memory modes")
@@ -340,7 +342,8 @@ def _bench(args, recipe) -> int:
         from .bench.fetch import run_fetch_bench
 
         rows = run_fetch_bench(recipe, vocab_size=_vocab_for(recipe), tiers=[t for t in args.tiers.split(";") if t],
-                               prompts=args.prompts, cache_mb=args.cache_mb, disk_dir=args.disk_dir, out=args.out)
+                               prompts=args.prompts, cache_mb=args.cache_mb, disk_dir=args.disk_dir, out=args.out,
+                               profile=args.profile)
         table = Table(title=f"route + fetch of one memory ({rows[0]['fetched_params']:,} parameters), "
                             f"{rows[0]['device']}, ms")
         for col in ("tiers", "phase", "route p50", "fetch p50", "fetch p90", "total p50", "direct I/O", "host read"):

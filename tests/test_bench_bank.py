@@ -17,9 +17,14 @@ def test_bench_fetch_every_tier_plan(tmp_path, capsys):
     out = tmp_path / "fetch.json"
     code = main(["bench", "fetch", "--recipe", str(REPO / "recipes/quickstart.yaml"), *TINY,
                  "--tiers", "device;host;host,host,disk", "--prompts", "4", "--disk-dir", str(tmp_path / "d"),
-                 "--out", str(out)])
+                 "--out", str(out), "--profile", str(tmp_path / "prof")])
     assert code == 0, capsys.readouterr().err
     rows = json.loads(out.read_text())
+    # the warm fetch of each plan profiled: a table naming the fetch's time
+    warm = [r for r in rows if r["phase"] == "warm"]
+    assert all(r["profile"]["steps"] == 10 and r["profile"]["wall_ms_per_step"] > 0 for r in warm)
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == [
+        "fetch_device.txt", "fetch_host_host_disk_staged.txt", "fetch_host_staged.txt"]
     assert [(r["tiers"], r["phase"]) for r in rows] == [(t, p) for t in ("device,device,device", "host,host,host",
                                                                          "host,host,disk")
                                                         for p in ("cold", "warm", "cached")]

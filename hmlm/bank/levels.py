@@ -616,6 +616,11 @@ class PipelinedLevel(Level):
                     t.record_stream(current)
             sources.append((_Staged(r[sync], self.version[r[sync]], with_state, self.state_rows[srows], {},
                                     batch=batch), sync, list(range(len(sync)))))
+        if len(sync) == n and not with_state:
+            # every row read now, for this fetch alone, without state (one prompt's fetch at inference): that batch
+            # is the answer, without a copy into a new one. Staged and recent batches are never handed out as they
+            # are: other fetches may read them and the update writes into what a fetch returns
+            return sources[-1][0].batch
         out = empty_batch(self.fmt, n, self.compute_device, with_state, record=with_state)
         for src, dst, pos in sources:
             d = to_device(torch.tensor(dst, dtype=torch.long), self.compute_device)

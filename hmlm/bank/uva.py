@@ -28,6 +28,7 @@ log = logging.getLogger("hmlm.bank")
 
 HOST_READ = ("auto", "staged", "pinned", "uva")
 BLOCK = 4096   # elements of a row one program copies
+NUM_WARPS = 4
 
 
 def resolve_host_read(host_read: str, compute_device: torch.device) -> str:
@@ -93,7 +94,7 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torc
         raise ValueError("gather_rows: src and out must be contiguous")
     width = src.shape[1]
     grid = (idx.numel(), triton.cdiv(width, BLOCK))
-    gather_kernel[grid](src, idx, out, width, BLOCK=BLOCK, num_warps=4)
+    gather_kernel[grid](src, idx, out, width, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 

@@ -51,8 +51,10 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
 
 
 def measure_tiers(recipe: Recipe, *, vocab_size: int, tiers: str, prompts: int, cache_mb: float,
-                  device: torch.device, disk_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows (cold, warm, cached) for one tier plan, e.g. `host` or `host,host,disk`."""
+                  device: torch.device, disk_dir: Path, seed: int = 0,
+                  profile: Path | None = None) -> list[dict[str, Any]]:
+    """Rows (cold, warm, cached) for one tier plan, e.g. `host` or `host,host,disk`; with `profile`, the warm
+    prompt's fetch is also run under torch.profiler (hmlm.bench.profile: PROFILE/<tiers>.txt)."""
     spec: Any = tiers.split(",") if "," in tiers else tiers
     mem = replace(recipe.memory, store="tiered", tiers=spec, disk_dir=str(disk_dir), cache_mb=0.0)
     recipe = replace(recipe, memory=mem, trainer=replace(recipe.trainer, mode="memory"))
@@ -93,6 +95,11 @@ def measure_tiers(recipe: Recipe, *, vocab_size: int, tiers: str, prompts: int, 
             lv.storage.io.drop_cache()
     rows = [phase("cold", embs[:prompts]),
             phase("warm", [embs[prompts]] * (prompts + 3), warmup=3)]
+    if profile is not None:
+        from .profile import profile_steps
+
+        rows[-1]["profile"] = profile_steps(lambda i: one(embs[prompts]), steps=10, device=device, out_dir=profile,
+                                            name=f"fetch_{tiers}_{store.ops_used()['host_read'] or ''}")
     if store.cache is None and cache_mb > 0:
         from ..bank.stores import _BlockCache
 
@@ -119,7 +126,7 @@ def default_cache_mb(recipe: Recipe, layout) -> float:
 
 
 def run_fetch_bench(recipe: Recipe, *, vocab_size: int, tiers: list[str], prompts: int, cache_mb: float | None,
-                    disk_dir: Path, out: Path | None = None) -> list[dict[str, Any]]:
+                    disk_dir: Path, out: Path | None = None, profile: Path | None = None) -> list[dict[str, Any]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     anchor = build_anchor(recipe, vocab_size, device="meta")
     layout = build_layout(replace(recipe, trainer=replace(recipe.trainer, mode="memory")), anchor)
@@ -127,7 +134,7 @@ def run_fetch_bench(recipe: Recipe, *, vocab_size: int, tiers: list[str], prompt
     rows = []
     for spec in tiers:
         rows += measure_tiers(recipe, vocab_size=vocab_size, tiers=spec, prompts=prompts, cache_mb=cache,
-                              device=device, disk_dir=disk_dir)
+                              device=device, disk_dir=disk_dir, profile=profile)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
