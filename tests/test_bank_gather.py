@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hmlm.bank.gather import gather_layout, plan_level
+from hmlm.bank.gather import gather_layout, on_device, plan_level
 from hmlm.bank.rows import RowFormat
 from hmlm.protocols import TensorSpec
 
@@ -39,9 +39,9 @@ def _case(seed: int, batch: int, ranks: tuple[int, ...], dtype: torch.dtype):
         index = index[torch.randperm(batch, generator=g)]
         tables.append(torch.randn(rows_u, fmt.numel, generator=g).to(dtype).requires_grad_(True))
         indices.append(index)
-        plans.append(plan_level(fmt, index, torch.device("cpu"), offset, r))
+        plans.append(plan_level(fmt, index, offset, r))
         offset += r
-    return tables, indices, plans
+    return tables, indices, on_device(plans, torch.device("cpu"))
 
 
 @settings(max_examples=25, deadline=None)
@@ -117,3 +117,12 @@ def test_fetched_bank_gradient_has_the_compute_dtype(dtype):
     store.step(lr=1e-2, weight_decay=0.0)
     after = store.read_rows("l0", torch.tensor([0, 1])).params
     assert after.dtype == dtype and not torch.equal(before, after)
+
+
+def test_to_device_many_returns_each_tensor_on_the_device():
+    from hmlm.bank.levels import to_device_many
+
+    parts = [torch.tensor([3, 1]), torch.zeros(0, dtype=torch.long), torch.tensor([7])]
+    moved = to_device_many(parts, torch.device("cpu"))
+    assert [m.tolist() for m in moved] == [[3, 1], [], [7]]
+    assert to_device_many([], torch.device("cpu")) == []

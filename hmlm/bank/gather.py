@@ -15,13 +15,13 @@ index_add_ per further pass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
 from ..protocols import TensorSpec
-from .levels import to_device
+from .levels import to_device_many
 from .rows import RowFormat
 
 
@@ -49,12 +49,17 @@ class LevelGather:
     rank: int
 
 
-def plan_level(fmt: RowFormat, index: torch.Tensor, device: torch.device, rank_offset: int, rank: int) -> LevelGather:
-    """The gather of one level from `index` (CPU, [B]); its index tensors reach `device` without a host stall."""
+def plan_level(fmt: RowFormat, index: torch.Tensor, rank_offset: int, rank: int) -> LevelGather:
+    """The gather of one level from `index` (CPU, [B]); its index tensors stay on the CPU until `on_device`."""
     passes = unique_passes(index)
     order = torch.cat(passes) if passes else torch.zeros(0, dtype=torch.long)
-    return LevelGather(fmt, to_device(index, device), tuple(len(p) for p in passes), to_device(order, device),
-                       rank_offset, rank)
+    return LevelGather(fmt, index, tuple(len(p) for p in passes), order, rank_offset, rank)
+
+
+def on_device(levels: Sequence[LevelGather], device: torch.device) -> list[LevelGather]:
+    """The levels' index tensors on `device`, every level's in one transfer that does not stall the host."""
+    moved = to_device_many([t for lv in levels for t in (lv.index, lv.order)], device)
+    return [replace(lv, index=moved[2 * i], order=moved[2 * i + 1]) for i, lv in enumerate(levels)]
 
 
 def _out_dim(spec: TensorSpec) -> int:
@@ -116,6 +121,6 @@ class GatherLayout(torch.autograd.Function):
 def gather_layout(spec: dict[str, TensorSpec], levels: Sequence[LevelGather], batch: int,
                   tables: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-sample memory tensors [B, *shape] (views of layer-major [shape[0], B, ...] tensors) from every level's
-    table [U_l, P_l] (compute dtype; differentiable) and its LevelGather."""
+    table [U_l, P_l] (compute dtype; differentiable) and its LevelGather (index tensors on the tables' device)."""
     outs = GatherLayout.apply(spec, list(levels), batch, *tables)
     return {name: t.movedim(0, 1) for name, t in zip(spec, outs)}

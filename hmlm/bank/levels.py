@@ -48,6 +48,15 @@ def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
     return index.pin_memory().to(device, non_blocking=True)
 
 
+def to_device_many(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Several small 1-D CPU tensors of one dtype on `device` with one pinned copy (views of it): a fetch moves half a
+    dozen index tensors, and each transfer costs the host more than the bytes do."""
+    if not tensors:
+        return []
+    flat = to_device(torch.cat(tensors), device)
+    return list(flat.split([t.numel() for t in tensors]))
+
+
 @dataclass
 class RowBatch:
     """Rows of one level in storage dtypes: params [U, P]; m and v when the optimizer state travels along.

@@ -41,7 +41,7 @@ from .blockio import BlockIOFactory, ThreadPoolBlockIO, aligned_empty
 from .layout import BankLayout
 from .levelfile import (HEADER, BankFileError, check_level_file, create_level_file, fsync_dir, new_file_id,
                         read_meta, write_meta)
-from .gather import gather_layout, plan_level
+from .gather import gather_layout, on_device, plan_level
 from .levels import (DeviceLevel, FileStorage, Level, PipelinedLevel, RowBatch, TensorStorage, pack_records,
                      to_device)
 from .optim import AdamHyper, RowUpdater, UpdateGroup, fused_adamw
@@ -385,9 +385,9 @@ class TieredStore:
                 index[gmask] = parts[0].shape[0] if parts else 0
                 parts.append(fmt.flatten(share))
             tables.append(parts[0] if len(parts) == 1 else torch.cat(parts))
-            plans.append(plan_level(fmt, index, dev, offset, r))
+            plans.append(plan_level(fmt, index, offset, r))
             offset += r
-        return gather_layout(spec, plans, batch, tables)
+        return gather_layout(spec, on_device(plans, dev), batch, tables)
 
     def _leaves(self, requests: list[tuple[str, torch.Tensor]], grad: bool, dtype: torch.dtype) -> list[torch.Tensor]:
         """The rows [U, P] of every (key, local rows) of one fetch, in `dtype` (a store that gathers all keys at once,
