@@ -110,12 +110,13 @@ def _score_chunk(lm, task_dict, requests, jobs, primary_metric, answer_pair) -> 
         for f in getattr(task_dict["tasks"][name], "_filters", []):
             f.apply(insts)
     out, pairs = {}, {}
+    configs = {name: task_dict["tasks"][name].dump_config() for name in per_task}
     for j, insts in copies.items():
         task = task_dict["tasks"][j.item[0]]
         doc = insts[0].doc
         key = list(insts[0].filtered_resps)[-1]   # the last filter, as removal.score keeps the last logged sample
         metrics = task.process_results(doc, [inst.filtered_resps[key] for inst in insts])
-        metric = primary_metric(metrics, task.dump_config())
+        metric = primary_metric(metrics, configs[j.item[0]])
         if metric is None:
             raise EvalError(f"--removal: task {j.item[0]} reports no accuracy metric ({', '.join(metrics)})")
         out[j] = (float(metrics[metric]), None)
