@@ -286,7 +286,7 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         read_copy_meta(emb, verify=True)
     emb_args = ["--embedder-path", emb] if emb else []
     import hmlm
-    from hmlm.knowledge import KnowledgeError, entity_nodes, eval_data_of
+    from hmlm.knowledge import KnowledgeError, blocked_memory, entity_nodes, eval_data_of, removal_nodes
 
     summary: dict = {"call": 3, "manifest": manifest["id"], "model_dir": str(model_dir), "steps": {}}
     import torch
@@ -298,8 +298,11 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
                              str(a.max_new_tokens), "--stop", ".", "--stop", "\n", "--show-path", "--timing",
                              *emb_args, HAFNIUM])
         summary["steps"][f"generate_{mode}"] = {"rc": rc, "output": text[-3000:]}
-    # 2. knowledge removal: block the node whose training documents mention Hafnium most, at the deepest level
-    #    where one node holds most of them
+    # 2. knowledge removal, two blocks: (a) the deepest node on the atomic-number prompt's path that holds most of
+    #    Hafnium's documents (a level-1 node on the SmolLM2 model: its documents and that prompt share only the
+    #    level-1 subtree); (b) Hafnium's leaf, the deepest level's node holding most of its training mentions, where
+    #    the discovery-year prompts go: the paper-like, targeted removal. Each prompt is generated with the memory
+    #    fetched, under each block and with none.
     m = hmlm.load(model_dir, embedder_path=emb)
     try:
         hits = entity_nodes(eval_data_of(model_dir), ["Hafnium"])
@@ -317,25 +320,36 @@ def call3(a: argparse.Namespace, out: Path) -> dict:
         why = {"note": (f"no Hafnium counts ({no_counts}); blocked the prompt's leaf" if no_counts else
                         "no training document mentions Hafnium; blocked the prompt's leaf")}
     block = f"blocked:{level}:{node}"
-    summary["removal"] = {"block": block, "target": why, "rows": []}
-    for mode in ("fetched", block, "none"):
+    summary["removal"] = {"block": block, "target": why, "blocks": [block], "rows": []}
+    if hits:
+        leaf = removal_nodes(hits, max(h.level for h in hits), 1.0)[0]
+        summary["removal"]["leaf_block"] = blocked_memory([leaf])
+        summary["removal"]["leaf"] = vars(leaf)
+        if blocked_memory([leaf]) != block:
+            summary["removal"]["blocks"].append(blocked_memory([leaf]))
+    for mode in ("fetched", *summary["removal"]["blocks"], "none"):
         summary["removal"]["rows"] += removal_rows(m, mode, REMOVAL_PROMPTS + CONTROL_PROMPTS, a.max_new_tokens)
-    log(f"removal with {block}: done")
+    log(f"removal with {' and '.join(summary['removal']['blocks'])}: done")
     save(out, summary, budget)
     # 2b. the knowledge-removal measurement over every element (hmlm eval --removal, docs/eval.md): each element's
-    #     documents' nodes blocked, its own and the other elements' answers scored fetched / blocked / none
+    #     documents' nodes blocked, its own and the other elements' answers scored fetched / blocked / none. Its own
+    #     budget stops it before this step overruns the call (the levels finished by then are kept)
     removal_dir = out / "removal"
-    if budget.allows("eval_removal", a.removal_estimate_s):
+    if budget.allows("eval_removal", a.removal_budget_s + 30):
         t0 = time.perf_counter()
         try:
             rc, text = captured(["eval", "--model", str(model_dir), "--removal", "--tasks", "hmlm_atomic_number",
-                                 "--batch-size", "64", "--out", str(removal_dir), *emb_args])
+                                 "--batch-size", "64", "--removal-budget-s", str(a.removal_budget_s),
+                                 "--out", str(removal_dir), *emb_args])
         except ValueError as exc:   # e.g. a tiny tree where a block leaves a node no child to route to
             rc, text = 1, f"{type(exc).__name__}: {exc}"
         summary["steps"]["eval_removal"] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1),
                                             "output": text[-2000:]}
         if rc == 0 and (removal_dir / "removal.json").is_file():
-            summary["removal_eval"] = json.loads((removal_dir / "removal.json").read_text())["models"][0]["summary"]
+            model_report = json.loads((removal_dir / "removal.json").read_text())["models"][0]
+            summary["removal_eval"] = model_report["summary"]
+            summary["removal_eval_counts"] = {k: model_report.get(k) for k in (
+                "levels", "levels_skipped", "items", "block_sets", "rerouted_items", "scored_pairs", "seconds")}
         save(out, summary, budget)
     # 3. before/after: hmlm eval, one memory mode at a time (each report is kept when the next would not fit):
     #    none = the frozen SmolLM2 alone ("before"), fetched and generic = the same model with memory ("after")
@@ -384,6 +398,19 @@ def save(out: Path, summary: dict, budget: Budget) -> None:
     (out / "table.md").write_text(table_md(summary))
 
 
+def removal_table(rem: dict) -> list[str]:
+    """One row per prompt, one column per memory mode: the generated text and (the path it fetched)."""
+    modes = list(dict.fromkeys(r["memory"] for r in rem["rows"]))
+    cells = {(r["prompt"], r["memory"]): f"{r['text']!r}" + (f" ({','.join(map(str, r['path']))})" if r["path"]
+                                                            else "") for r in rem["rows"]}
+    prompts = list(dict.fromkeys(r["prompt"] for r in rem["rows"]))
+    leaf = f"; Hafnium's leaf {rem['leaf_block']}" if rem.get("leaf_block") else ""
+    lines = [f"knowledge removal ({' and '.join(rem.get('blocks', [rem['block']]))}{leaf}):", "",
+             "| prompt | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]
+    lines += [f"| {p} | " + " | ".join(cells.get((p, m), "-") for m in modes) + " |" for p in prompts]
+    return lines
+
+
 def table_md(s: dict) -> str:
     lines = [f"device: {s['device']}; model {s['model_dir']}; manifest {s['manifest']}", ""]
     if "eval" in s:
@@ -397,9 +424,19 @@ def table_md(s: dict) -> str:
         lines.append("")
     rem = s.get("removal")
     if rem:
-        lines += [f"knowledge removal ({rem['block']}):", "", "| prompt | memory | path | text |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {r['prompt']} | {r['memory']} | {r['path']} | {r['text']!r} |" for r in rem["rows"]]
+        lines += removal_table(rem) + [""]
+    if s.get("removal_eval"):
+        c = s.get("removal_eval_counts") or {}
+        lines += [f"hmlm eval --removal over every element ({c.get('seconds')} s; {c.get('block_sets')} block sets, "
+                  f"{c.get('scored_pairs')} (item, path) pairs scored; levels not measured: "
+                  f"{c.get('levels_skipped') or 'none'}):", "",
+                  "| level | group | items | acc fetched | acc blocked | acc none | rerouted | known kept |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"   # noqa: E731
+        for lv, groups in s["removal_eval"].items():
+            for group, g in groups.items():
+                lines.append(f"| {lv} | {group} | {g['n']} | {pct(g['acc_fetched'])} | {pct(g['acc_blocked'])} | "
+                             f"{pct(g['acc_none'])} | {pct(g['rerouted'])} | {pct(g['known_kept'])} of {g['known']} |")
         lines.append("")
     if s.get("latency"):
         lines += ["| device | memory | KV cache | ms/token | route+fetch ms |", "| --- | --- | --- | ---: | ---: |"]
@@ -430,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--export-reserve-s", type=float, default=90.0, help="call 2: kept for export + held-out ppl")
     pc.add_argument("--eval-estimate-s", type=float, default=120.0, help="first eval mode; then measured")
     pc.add_argument("--eval-limit", type=int, default=None)
-    pc.add_argument("--removal-estimate-s", type=float, default=150.0, help="call 3: hmlm eval --removal")
+    pc.add_argument("--removal-budget-s", type=float, default=120.0,
+                    help="call 3: hmlm eval --removal stops scoring after this (finished levels are kept)")
     pc.add_argument("--eval-tasks", default=None, help="hmlm eval --tasks (default: the fact tasks + CK control)")
     pc.add_argument("--bench-tokens", type=int, default=32, help="tokens decoded per prompt in the latency rows")
     pc.add_argument("--max-gen-toks", type=int, default=8)

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "route (those its own items are routed to: the paper's best-matching part of the bank)")
     p.add_argument("--removal-entities", type=int, default=None, metavar="N",
                    help="measure N entities spread over the ranking by training mentions (default: all)")
+    p.add_argument("--removal-budget-s", type=float, default=None, metavar="S",
+                   help="stop scoring after S seconds (measured from the start of a model's measurement): the levels "
+                        "finished by then are reported, the others named as not measured (default: no limit)")
 
     p = sub.add_parser("generate", help="continue prompts with a trained model: route, fetch memory, decode with the "
                        "key/value cache, stream the text")

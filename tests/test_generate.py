@@ -135,7 +135,7 @@ def test_blocked_nodes_are_never_fetched(loaded):
 
     store.fetch = spy
     try:
-        for level in (1, 2):
+        for level in (1, 2, 3):   # 3: a leaf block (the paper-like, targeted removal): the sibling leaf serves
             seen.clear()
             spec = f"blocked:{level}:{path[level - 1]}"
             text = loaded.generate(PROMPT, memory=spec, max_new_tokens=3)

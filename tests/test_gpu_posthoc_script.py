@@ -73,10 +73,22 @@ def test_three_calls_train_and_evaluate_and_a_lost_machine_is_named(tmp_path, mo
     blocked = [r for r in summary["removal"]["rows"] if r["memory"] == block]
     level, node = int(block.split(":")[1]), int(block.split(":")[2])
     assert blocked and all(r["path"][level - 1] != node for r in blocked)   # never fetched once blocked
+    rem = summary["removal"]
+    for spec in rem["blocks"]:   # the Hafnium leaf too, where the corpus names Hafnium: each block never fetched
+        rows = [r for r in rem["rows"] if r["memory"] == spec]
+        assert len(rows) == 6 and all(r["path"][int(spec.split(":")[1]) - 1] != int(spec.split(":")[2])
+                                      for r in rows)
+    if "leaf_block" in rem:
+        assert rem["leaf_block"] == f"blocked:{rem['leaf']['level']}:{rem['leaf']['node']}"
+    # the tiny tree's level-2 blocks can mask every child of a node (the router refuses): named, not fatal
+    removal = summary["steps"]["eval_removal"]
+    assert removal["rc"] == 0 or "are blocked; unblock at least one" in removal["output"]
     assert {r["device"] for r in summary["latency"]} == {"cpu"} and not summary["skipped"]
     with tarfile.open(tmp_path / "o3" / "eval.tar.xz") as tar:
         assert {"eval/none/report.json", "eval/fetched/report.json"} <= set(tar.getnames())
-    assert "| none |" in (tmp_path / "o3" / "table.md").read_text()
+    table = (tmp_path / "o3" / "table.md").read_text()
+    assert "| none |" in table and f"| prompt | fetched | {' | '.join(rem['blocks'])} | none |" in table
+    assert ("hmlm eval --removal over every element" in table) == (removal["rc"] == 0)
 
     # call 3 on a machine without call 2's model: named, exit 3
     shutil.rmtree(tmp_path / "run")
@@ -90,3 +102,20 @@ def test_the_wrapper_refuses_a_call_without_its_number(tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_posthoc.sh"), str(tmp_path)], capture_output=True,
                           text=True)
     assert done.returncode == 2 and "--call 1|2|3" in done.stderr
+
+
+def test_call3_table_lists_each_block_beside_fetched_and_none_and_the_removal_summary():
+    script = load_benchmark("gpu_posthoc")
+    rows = [{"prompt": p, "memory": m, "path": None if m == "none" else [0, 2, 10 if m == "fetched" else 11],
+             "text": t} for p in ("Hafnium was discovered in", "The capital of France is")
+            for m, t in (("fetched", " 1923"), ("blocked:1:0", " 1821"), ("blocked:3:10", " 1900"), ("none", " 1987"))]
+    group = {"n": 104, "acc_fetched": 0.5, "acc_blocked": 0.25, "acc_none": 0.1, "rerouted": 1.0, "known": 52,
+             "known_kept": 0.5}
+    table = script.table_md({"device": "H100", "model_dir": "m", "manifest": "x", "removal": {
+        "block": "blocked:1:0", "blocks": ["blocked:1:0", "blocked:3:10"], "leaf_block": "blocked:3:10", "rows": rows},
+        "removal_eval": {"3": {"removed": group, "others": group}},
+        "removal_eval_counts": {"seconds": 41.0, "block_sets": 116, "scored_pairs": 936, "levels_skipped": []}})
+    assert "| prompt | fetched | blocked:1:0 | blocked:3:10 | none |" in table
+    assert "| Hafnium was discovered in | ' 1923' (0,2,10) | ' 1821' (0,2,11) | ' 1900' (0,2,11) | ' 1987' |" in table
+    assert "(41.0 s; 116 block sets, 936 (item, path) pairs scored; levels not measured: none)" in table
+    assert "| 3 | removed | 104 | 50.0 | 25.0 | 10.0 | 100.0 | 50.0 of 52 |" in table

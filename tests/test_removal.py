@@ -1,7 +1,7 @@
 """Knowledge removal (`hmlm eval --removal`, hmlm.eval.removal): the rule that picks the nodes to block, read from a
 hand-made mention index; on a tiny trained model, the removed entity's items never fetch a blocked node, exactly the
-other items that crossed a blocked node are rerouted, and reusing the fetched result of an unchanged path gives what
-scoring everything under the block gives."""
+other items that crossed a blocked node are rerouted, and scoring each distinct (item, rerouted path) once, with the
+fetched result reused for an unchanged path, gives what lm-eval scoring everything under the block gives."""
 from __future__ import annotations
 
 import os
@@ -120,19 +120,67 @@ def test_control_items_are_rerouted_exactly_when_their_path_crosses_a_blocked_no
     assert some_rerouted   # the level-1 blocks take other elements' subtrees too: the control is not vacuous
 
 
-def test_reusing_unchanged_paths_matches_scoring_every_item_under_the_block(measured):
+def test_scoring_once_per_item_and_path_matches_lm_eval_under_every_block(measured):
+    """The shortcut (each distinct (item, rerouted path) scored once, all block sets batched together; unchanged
+    paths keep their fetched result) against lm-eval scoring every item under the block, for every distinct block
+    set of level 1 (it reroutes other entities' items too: rescored and reused results are checked) and one of
+    level 3."""
     from hmlm.eval.removal import score
 
     loaded, task_dict, result = measured
     items = _items(loaded, task_dict)
-    # a level-1 block that reroutes other entities' items too: both the rescored and the reused results are checked
-    entity, row = next((e, e["levels"]["1"]) for e in result["entities"] if e["levels"]["1"]["others"]["rerouted"])
-    full = score(loaded, task_dict, row["memory"], limit=N)
-    for group, members in (("removed", [k for k, (_, n, _) in enumerate(items) if n == entity["name"]]),
-                           ("others", [k for k, (_, n, _) in enumerate(items) if n != entity["name"]])):
-        g = row[group]
-        assert g["blocked"] == sum(full[(TASK, k)][0] for k in members)
-        assert g["logp_blocked"] == pytest.approx(sum(full[(TASK, k)][1] for k in members), abs=1e-3)
+    assert result["scored_pairs"] < result["rerouted_items"]   # block sets share rerouted paths
+    specs = list(dict.fromkeys(e["levels"]["1"]["memory"] for e in result["entities"]))
+    specs += list(dict.fromkeys(e["levels"]["3"]["memory"] for e in result["entities"]))[:1]
+    full_of = {spec: score(loaded, task_dict, spec, limit=N) for spec in specs}   # one lm-eval run per block set
+    checked = set()
+    for entity in result["entities"]:
+        for lv in ("1", "3"):
+            row = entity["levels"][lv]
+            if row["memory"] not in full_of:
+                continue
+            full = full_of[row["memory"]]
+            checked.add(row["memory"])
+            for group, members in (("removed", [k for k, (_, n, _) in enumerate(items) if n == entity["name"]]),
+                                   ("others", [k for k, (_, n, _) in enumerate(items) if n != entity["name"]])):
+                g = row[group]
+                assert g["blocked"] == sum(full[(TASK, k)][0] for k in members)
+                assert g["logp_blocked"] == pytest.approx(sum(full[(TASK, k)][1] for k in members), abs=1e-3)
+    assert any(e["levels"]["1"]["others"]["rerouted"] for e in result["entities"]) and len(checked) >= 3
+
+
+def test_pinned_paths_reproduce_the_routed_run(measured):
+    """Replaying lm-eval's requests with each item's own routed path pinned gives lm-eval's fetched results."""
+    from hmlm.eval.removal import score
+    from hmlm.eval.rescore import Job, PinnedPathsLM, capture, order_jobs, rescore
+
+    loaded, task_dict, _ = measured
+    fetched = score(loaded, task_dict, "fetched", limit=N)
+    requests = capture(task_dict)
+    assert sorted(requests) == sorted(fetched)
+    prompts = [requests[i][0].args[0] for i in sorted(requests)]
+    paths = loaded.route(prompts)
+    lm = PinnedPathsLM(loaded=loaded, memory="fetched", batch_size=5)   # batches that cut across paths
+    jobs = order_jobs(lm, requests, [Job(i, tuple(p.tolist())) for i, p in zip(sorted(requests), paths)])
+    advanced = []
+    got = rescore(lm, task_dict, requests, jobs, chunk=4, advance=advanced.append)
+    assert advanced == [4, 4, 4] and set(got) == set(jobs)
+    for job, (ok, ll) in got.items():
+        assert ok == fetched[job.item][0]
+        assert ll == pytest.approx(fetched[job.item][1], abs=1e-4)
+    assert rescore(lm, task_dict, requests, jobs, chunk=4, deadline=0.0) == {}   # past the deadline: nothing starts
+    with pytest.raises(RuntimeError, match="pinned paths"):
+        lm.route_keys(["a prompt"])   # each call's paths are used once
+
+
+def test_a_removal_budget_that_runs_out_names_the_levels_not_measured(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tiny_model_dir), "--removal", "--limit", "4", "--removal-entities", "2",
+                 "--removal-budget-s", "0.001", "--out", str(out)]) == 0
+    model = json_load(out / "removal.json")["models"][0]
+    assert model["levels"] == [] and model["levels_skipped"] == [1, 2, 3] and model["summary"] == {}
+    assert "Not measured (--removal-budget-s 0.001 ran out): level(s) 1, 2, 3." in (out / "removal.md").read_text()
+    assert (out / "removal.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_eval_removal_command_writes_json_markdown_and_png(tiny_model_dir, tmp_path):
@@ -169,6 +217,8 @@ def test_the_route_rule_blocks_where_the_entitys_own_items_go(tiny_model_dir, tm
     (["--removal", "--removal-share", "0"], "--removal-share"),
     (["--removal-entities", "3"], "only go with --removal"),
     (["--removal-rule", "route"], "only go with --removal"),
+    (["--removal-budget-s", "10"], "only go with --removal"),
+    (["--removal", "--removal-budget-s", "0"], "--removal-budget-s 0.0: must be > 0"),
     (["--removal", "--tasks", "hmlm_heldout_lastword"], "declares the entity"),
 ])
 def test_bad_removal_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsys, args, message):

@@ -15,11 +15,16 @@ items' entity, hmlm.eval.entities) and each measured tree level:
 
 Scoring is `hmlm eval`'s: lm-eval's loop with the `hmlm` adapter (hmlm.eval.report.run_tasks), so each task's own
 metric decides; generation tasks also get the log-probability of the reference answer from the adapter's scorer
-(the one NLL loop). It is cheap because a block changes only the items whose path crosses a blocked node: every
-item is routed under the block (prompt embeddings are cached per model) and only the items whose path changed are
-scored again, those of one block set in one lm-eval call (block sets shared by several entities are scored once).
-An item whose path is unchanged fetches exactly the blocks it fetched before and keeps its fetched result
-(decoding is greedy and per request; tests/test_removal.py checks the shortcut against scoring everything).
+(the one NLL loop). It is cheap because a block changes only the items whose path crosses a blocked node, and an
+item's result depends only on the path it fetches from: every item is routed under every block set first (prompt
+embeddings are cached per model; routing is all it costs), then each distinct (item, new path) pair is scored once,
+the pairs of all block sets together in large batches (hmlm.eval.rescore: lm-eval's requests of the fetched run,
+replayed with each request's path pinned, and the task's own filters and metric). A single-node block reroutes an
+item only when it blocks one of the item's own nodes, so there are about items x levels pairs however many entities
+are removed. An item whose path is unchanged fetches exactly the blocks it fetched before and keeps its fetched
+result (decoding is greedy and per request; tests/test_removal.py checks the shortcut against scoring everything
+with lm-eval under the block). The pairs are scored level by level; `--removal-budget-s` stops before the budget
+is overrun, and the levels not finished are named in the report instead of measured.
 
 Entities no training document mentions (nothing to block) and entities flagged as ambiguous (their mentions mix
 senses or entities, so their nodes are not theirs alone) are left out and counted. `--removal-entities N` keeps N
@@ -53,6 +58,7 @@ class RemovalOptions:
     min_share: float = 0.1                # block every node of the level holding >= this share of the mentions
     rule: str = "mentions"                # mentions: nodes holding its training mentions; route: its items' nodes
     entities: int | None = None           # at most this many entities, spread over the mention ranking
+    budget_s: float | None = None         # stop rescoring after this many seconds; the levels not done are skipped
 
 
 def removal_options(args) -> RemovalOptions:
@@ -73,7 +79,10 @@ def removal_options(args) -> RemovalOptions:
     rule = args.removal_rule or RemovalOptions.rule
     if rule not in RULES:
         raise EvalError(f"--removal-rule {rule!r}: expected {' or '.join(RULES)}")
-    return RemovalOptions(levels=levels, min_share=share, entities=args.removal_entities, rule=rule)
+    budget = getattr(args, "removal_budget_s", None)
+    if budget is not None and budget <= 0:
+        raise EvalError(f"--removal-budget-s {budget}: must be > 0 seconds")
+    return RemovalOptions(levels=levels, min_share=share, entities=args.removal_entities, rule=rule, budget_s=budget)
 
 
 @dataclass
@@ -156,9 +165,11 @@ def _answer_pair(task, sample: dict) -> tuple[str, str] | None:
 # ---- the measurement -------------------------------------------------------------------------------------------
 
 def collect_items(loaded, task_dict: dict, counter, *, limit: int | None, batch_size: int, max_gen_toks: int
-                  ) -> list[Item]:
-    """Every item of the tasks that declare their entity, scored with the memory fetched and with none."""
+                  ) -> tuple[list[Item], dict]:
+    """Every item of the tasks that declare their entity, scored with the memory fetched and with none; and the
+    requests lm-eval built for them (hmlm.eval.rescore.capture), to score them again on other paths."""
     from .report import entity_specs
+    from .rescore import capture
 
     specs = entity_specs(task_dict)
     if not specs:
@@ -166,6 +177,7 @@ def collect_items(loaded, task_dict: dict, counter, *, limit: int | None, batch_
                         "items (metadata.hmlm_entity; docs/eval.md); e.g. --tasks hmlm_atomic_number")
     tasks = _subset(task_dict, specs)
     fetched = score(loaded, tasks, "fetched", limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks)
+    requests = capture(tasks)   # before the next run rebuilds the tasks' instances
     none = score(loaded, tasks, "none", ids=list(fetched), batch_size=batch_size, max_gen_toks=max_gen_toks)
     entities = {i: specs[i[0]].item(s["doc"]) for i, (_, _, s) in fetched.items()}
     counter.prepare(list(entities.values()))
@@ -176,7 +188,7 @@ def collect_items(loaded, task_dict: dict, counter, *, limit: int | None, batch_
         if ll is not None:
             it.logp = {"fetched": ll, "none": none[i][1]}
         items.append(it)
-    return items
+    return items, {it.id: requests[it.id] for it in items}
 
 
 def choose_entities(ranked: list[str], n: int | None) -> list[str]:
@@ -194,10 +206,11 @@ def measure(loaded, task_dict: dict, data, counter, opts: RemovalOptions, *, lim
             batch_size: int = 32, max_gen_toks: int = 32, console: Console | None = None,
             progress: bool = True) -> dict[str, Any]:
     """The removal measurement of one loaded model (module docstring): per level, per entity, and the summary."""
-    from rich.progress import Progress
-
     from ..knowledge import blocked_memory, entity_nodes, removal_nodes
 
+    t0 = time.perf_counter()
+    deadline = None if opts.budget_s is None else t0 + opts.budget_s
+    console = console or Console(quiet=not progress)
     rc = loaded.recipe.index.router
     levels = tuple(opts.levels) or tuple(range(1, rc.levels + 1))
     bad = [lv for lv in levels if not 1 <= lv <= rc.levels]
@@ -207,7 +220,8 @@ def measure(loaded, task_dict: dict, data, counter, opts: RemovalOptions, *, lim
         raise EvalError(f"--removal-share {opts.min_share}: must be in (0, 1]")
     if data.mention_index() is None:
         raise EvalError(f"--removal: {data.label}: {data.mentions_missing}")
-    items = collect_items(loaded, task_dict, counter, limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks)
+    items, requests = collect_items(loaded, task_dict, counter, limit=limit, batch_size=batch_size,
+                                    max_gen_toks=max_gen_toks)
     by_entity: dict[str, list[Item]] = {}
     for it in items:
         by_entity.setdefault(it.entity, []).append(it)
@@ -225,41 +239,82 @@ def measure(loaded, task_dict: dict, data, counter, opts: RemovalOptions, *, lim
     ranked = sorted(hits, key=lambda k: (-mentions[k], k))
     chosen = choose_entities(ranked, opts.entities)
 
+    # 1. every block set, and where it sends each item whose path crosses a blocked node (routing only: cheap)
     keys = [it.key for it in items]
     base = loaded.route(keys)
     own = {k: [i for i, it in enumerate(items) if it.entity == k] for k in chosen}
-    scored: dict[str, dict[tuple[str, int], tuple[float, float | None]]] = {}   # block set -> rescored items
-    rerouted: dict[str, set[tuple[str, int]]] = {}
-    per_entity = {k: {"entity": k, "name": by_entity[k][0].name, "mentions": mentions[k], "items": len(by_entity[k]),
-                      "levels": {}} for k in chosen}
-    jobs = [(lv, k) for lv in levels for k in chosen]
-    with Progress(console=console, disable=not progress, transient=True) as bar:
-        task_id = bar.add_task("removal: block sets", total=len(jobs))
-        for lv, k in jobs:
+    blocks: dict[tuple[int, str], list] = {}       # (level, entity) -> the nodes blocked
+    moved: dict[str, dict[tuple[str, int], tuple[int, ...]]] = {}   # block set -> {rerouted item: its new path}
+    for lv in levels:
+        for k in chosen:
             if opts.rule == "route":
                 nodes = route_nodes(hits[k], lv, {int(base[i, lv - 1]) for i in own[k]})
             else:
                 nodes = removal_nodes(hits[k], lv, opts.min_share)
+            blocks[(lv, k)] = nodes
             spec = blocked_memory(nodes)
-            if spec not in scored:
+            if spec not in moved:
                 paths = loaded.route(keys, blocked=[(h.level - 1, h.node) for h in nodes])
-                moved = {items[i].id for i in range(len(items)) if not bool((paths[i] == base[i]).all())}
-                got = score(loaded, task_dict, spec, ids=sorted(moved), batch_size=batch_size,
-                            max_gen_toks=max_gen_toks)
-                scored[spec] = {i: (ok, ll) for i, (ok, ll, _) in got.items()}
-                rerouted[spec] = moved
+                changed = (paths != base).any(dim=1)
+                moved[spec] = {items[i].id: tuple(paths[i].tolist()) for i in changed.nonzero().flatten().tolist()}
+    # 2. score each distinct (item, new path) once, every block set's together, a level's before the next level's
+    from .rescore import Job, PinnedPathsLM, order_jobs, rescore
+
+    lm = PinnedPathsLM(loaded=loaded, memory="fetched", batch_size=batch_size, max_gen_toks=max_gen_toks)
+    phases: dict[int, list[Job]] = {}
+    seen: set[Job] = set()
+    for lv in levels:
+        new = {Job(i, p) for k in chosen for i, p in moved[blocked_memory(blocks[(lv, k)])].items()} - seen
+        seen |= new
+        phases[lv] = order_jobs(lm, requests, list(new))
+    naive = sum(len(m) for m in moved.values())
+    console.print(f"removal: {len(moved)} block sets reroute {naive} items; {len(seen)} distinct (item, path) "
+                  f"pairs to score ({time.perf_counter() - t0:.1f} s so far)", highlight=False)
+    results: dict[Job, tuple[float, float | None]] = {}
+    done: list[int] = []
+    with _progress(console, progress) as bar:
+        task_id = bar.add_task("removal: rescoring rerouted items", total=len(seen))
+        for lv in levels:
+            t1 = time.perf_counter()
+            got = rescore(lm, task_dict, requests, phases[lv], chunk=max(64, 4 * batch_size), deadline=deadline,
+                          advance=lambda n: bar.advance(task_id, n))
+            results.update(got)
+            if len(got) < len(phases[lv]):
+                break
+            done.append(lv)
+            console.print(f"removal: level {lv}: {len(got)} items scored in {time.perf_counter() - t1:.1f} s "
+                          f"({time.perf_counter() - t0:.1f} s so far)", highlight=False)
+    skipped = [lv for lv in levels if lv not in done]
+    if skipped:
+        console.print(f"[yellow]removal: --removal-budget-s {opts.budget_s:g} ran out; level(s) "
+                      f"{', '.join(map(str, skipped))} not measured[/]", highlight=False)
+    # 3. per level and entity: its block's results
+    per_entity = {k: {"entity": k, "name": by_entity[k][0].name, "mentions": mentions[k], "items": len(by_entity[k]),
+                      "levels": {}} for k in chosen}
+    for lv in done:
+        for k in chosen:
+            nodes = blocks[(lv, k)]
+            spec = blocked_memory(nodes)
+            rescored = {i: results[Job(i, p)] for i, p in moved[spec].items()}
             total = max(1, sum(h.mentions for h in hits[k] if h.level == lv))
             per_entity[k]["levels"][str(lv)] = _entity_row(
-                items, k, spec, scored[spec], rerouted[spec],
+                items, k, spec, rescored, set(moved[spec]),
                 nodes=[{"node": h.node, "mentions": h.mentions, "share": round(h.mentions / total, 4),
                         "documents": h.documents, "node_documents": h.node_documents} for h in nodes])
-            bar.advance(task_id)
-    return {"levels": list(levels), "rule": opts.rule, "min_share": opts.min_share,
+    return {"levels": done, "levels_skipped": skipped, "rule": opts.rule, "min_share": opts.min_share,
             "entities_measured": len(chosen),
             "entities_with_mentions": len(ranked), "left_out": {k: sorted(v) for k, v in left_out.items()},
-            "items": len(items), "block_sets": len(scored),
-            "summary": {str(lv): summarize([e["levels"][str(lv)] for e in per_entity.values()]) for lv in levels},
+            "items": len(items), "block_sets": len(moved), "rerouted_items": naive, "scored_pairs": len(results),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "summary": {str(lv): summarize([e["levels"][str(lv)] for e in per_entity.values()]) for lv in done},
             "entities": list(per_entity.values())}
+
+
+def _progress(console: Console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not enabled, transient=True)
 
 
 def route_nodes(hits: Sequence, level: int, routed: set[int]) -> list:
@@ -404,10 +459,14 @@ def markdown(report: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(report)]
     for model in report["models"]:
         lo = model["left_out"]
+        skipped = model.get("levels_skipped") or []
         lines += ["", f"{model['label']}: {model['entities_measured']} of {model['entities_with_mentions']} entities "
                   f"with training mentions measured ({model['items']} items, {model['block_sets']} distinct block "
-                  f"sets); left out: {len(lo['never mentioned'])} never mentioned, {len(lo['ambiguous'])} "
-                  "ambiguous.", "", "| entity | mentions | level | blocked | items right fetched / blocked / none "
+                  f"sets rerouting {model.get('rerouted_items', '-')} items, {model.get('scored_pairs', '-')} "
+                  f"distinct (item, path) pairs scored); left out: {len(lo['never mentioned'])} never mentioned, "
+                  f"{len(lo['ambiguous'])} ambiguous."
+                  + (f" Not measured (--removal-budget-s {report['removal']['budget_s']:g} ran out): level(s) "
+                     f"{', '.join(map(str, skipped))}." if skipped else ""), "", "| entity | mentions | level | blocked | items right fetched / blocked / none "
                   "| others rerouted |", "|---|---:|---:|---|---|---:|"]
         for e in model["entities"]:
             for lv, row in e["levels"].items():

@@ -325,8 +325,9 @@ def eval_from_args(args, console: Console) -> dict:
             raise EvalError("--removal scores the memory fetched, blocked and none itself; leave out --memory")
         removal = removal_options(args)
     elif any(getattr(args, k, None) is not None for k in ("removal_levels", "removal_share", "removal_entities",
-                                                    "removal_rule")):
-        raise EvalError("--removal-levels/--removal-share/--removal-entities/--removal-rule only go with --removal")
+                                                    "removal_rule", "removal_budget_s")):
+        raise EvalError("--removal-levels/--removal-share/--removal-entities/--removal-rule/--removal-budget-s only "
+                        "go with --removal")
     default_tasks = list(REMOVAL_TASKS) if removal is not None else list(DEFAULT_TASKS)
     opts = EvalOptions(models=list(args.model), tasks=split(args.tasks) or default_tasks,
                        memory=split(args.memory or "fetched,generic,none"), limit=args.limit,
