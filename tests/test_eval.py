@@ -188,6 +188,21 @@ def test_leaf_perplexity_matches_heldout_perplexity(loaded):
     assert sum(b["tokens"] for b in by_leaf["bins"]) == by_leaf["tokens"] == sum(x["tokens"] for x in by_leaf["leaves"])
 
 
+def test_heldout_perplexity_runs_only_up_to_the_last_scored_label(loaded):
+    # the widths leaf_nll cuts each sequence to: every scored label inside, only padding after; the tiny model's
+    # held-out split has padded sequences, so the test above compares cut batches against full-width ones
+    from hmlm.data.packing import IGNORE_INDEX, SequenceShards
+    from hmlm.eval.perplexity import scored_widths
+
+    data = SequenceShards(Path(loaded.meta["index"]["dir"]) / "shards", "val")
+    widths = scored_widths(data)
+    for i, width in enumerate(widths):
+        labels = data[i]["labels"]
+        assert (labels[width:] == IGNORE_INDEX).all()
+        assert labels[width - 1] != IGNORE_INDEX or not (labels != IGNORE_INDEX).any()
+    assert min(widths) < data.seq_len - 1
+
+
 def test_one_pass_over_all_modes_equals_each_mode_from_full_logits(loaded):
     # the per-leaf sums of one pass for all modes (fused head, chunked log-softmax) against each mode alone, scored
     # from the full logits with cross_entropy as the report once did
