@@ -241,8 +241,10 @@ def anchor_model_dir(tiny_model_dir, small_corpus, tmp_path_factory) -> Path:
     return Path(fit(recipe, progress=False, final_eval=False)["model_dir"])
 
 
-def test_hmlm_eval_on_two_models_writes_json_and_plots(tiny_model_dir, anchor_model_dir, tmp_path, capsys):
+def test_hmlm_eval_on_two_models_writes_json_and_plots(tiny_model_dir, anchor_model_dir, tmp_path, capsys,
+                                                       monkeypatch):
     out = tmp_path / "report"
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     rc = main(["eval", "--model", str(tiny_model_dir), "--model", str(anchor_model_dir), "--tasks",
                "hmlm_atomic_number,hmlm_heldout_lastword", "--limit", "4", "--out", str(out), "--batch-size", "8",
                "--buckets", "0,10,100", "--max-gen-toks", "4"])
@@ -259,8 +261,11 @@ def test_hmlm_eval_on_two_models_writes_json_and_plots(tiny_model_dir, anchor_mo
     assert set(first["perplexity"]["overall"]) == {"fetched", "generic", "none"}
     for key in ("buckets_png", "perplexity_png"):
         assert Path(report["files"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "Avg-SK" in printed and "hmlm_atomic_number" in printed
+    assert "it/s" not in captured.err and "%|" not in captured.err   # no lm-eval request bars (tqdm)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"   # set by the command before torch loads (hmlm.cli.main)
 
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert main(["eval", "--model", str(tiny_model_dir), "--memory", "blocked:9:9", "--out", str(out)]) == 2
