@@ -447,9 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides.extend(extra)
     if args.command == "eval":
-        # before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a 2-core machine that other
-        # processes share, a spinning thread holds a core its partner needs (measured: eval tasks 5x slower)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from .utils import passive_openmp
+
+        passive_openmp()   # before torch loads
     from .user_errors import USER_ERRORS
 
     try:

@@ -157,6 +157,18 @@ def test_none_equals_the_bare_anchor_and_memory_matters(loaded):
     assert max(abs(g[0] - n[0]) for g, n in zip(generic, plain)) > 1e-6
 
 
+def test_generic_block_is_fetched_once_per_batch_with_the_same_results(loaded, monkeypatch):
+    lm = HMLMEvalLM(loaded=loaded, memory="generic", batch_size=8)
+    memory = lm._memory_of(torch.zeros(3, lm.levels, dtype=torch.long))
+    assert all(t.shape[0] == 3 and t.stride(0) == 0 for t in memory.tensors.values())   # views of one block
+    reqs = [(p, " 7") for p in PROMPTS]
+    gens = [(p, {"until": ["\n"], "max_gen_toks": 4}) for p in PROMPTS]
+    viewed = lm.loglikelihood(reqs), lm.generate_until(gens)
+    # against the block gathered into a copy per row, as every other mode fetches
+    monkeypatch.setattr(HMLMEvalLM, "_memory_of", lambda self, p: self.model.memory_context(p, "generic"))
+    assert (lm.loglikelihood(reqs), lm.generate_until(gens)) == viewed
+
+
 def test_blocked_changes_fetched_blocks_for_that_subtree_only(loaded):
     fetched = HMLMEvalLM(loaded=loaded, memory="fetched")
     paths = fetched.route_keys(PROMPTS)

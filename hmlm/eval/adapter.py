@@ -163,6 +163,13 @@ class HMLMEvalLM(TemplateLM):
     def _autocast(self):
         return autocast_for(self._device)
 
+    def _memory_of(self, paths: torch.Tensor) -> MemoryContext | None:
+        """The memory of a batch's rows. Under `generic` every row has the same block: it is fetched once and viewed
+        for the other rows (`_repeat_memory`) instead of gathered into a copy per row."""
+        if self.memory.model_mode == "generic" and len(paths) > 1:
+            return _repeat_memory(self.model.memory_context(paths[:1].to(self._device), "generic"), len(paths))
+        return self.model.memory_context(paths.to(self._device), self.memory.model_mode)
+
     # ---- scoring ---------------------------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -212,7 +219,7 @@ class HMLMEvalLM(TemplateLM):
                 inp = seqs[i][0][:-1]
                 ids[row, :len(inp)] = torch.tensor(inp)
             with self._autocast():   # the memory is fetched in autocast's dtype, as training fetched it
-                memory = self.model.memory_context(paths[idx].to(self._device), self.memory.model_mode)
+                memory = self._memory_of(paths[idx])
                 states, head = _positions(self.model.anchor, ids.to(self._device), memory=memory)
                 for row, i in enumerate(idx):
                     full, n_cont = seqs[i]
@@ -302,7 +309,7 @@ class HMLMEvalLM(TemplateLM):
         for (_, limit), members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 idx = members[start:start + self.batch_size]
-                memory = self.model.memory_context(paths[idx].to(self._device), self.memory.model_mode)
+                memory = self._memory_of(paths[idx])
                 texts = generate_texts(self.model.anchor, [prompts[i] for i in idx], memory=memory,
                                        sampling=Sampling(max_new_tokens=limit), decode=self.tok_decode,
                                        stops=[stops[i] for i in idx], eos_id=self.tokenizer_.eos_id)
