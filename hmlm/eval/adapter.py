@@ -11,9 +11,8 @@ Every request is routed through the model's own tree before it is scored, with t
     generation        the prompt; the memory is fetched once per request and kept for every generated token
 
 Scored requests are batched longest first (little padding); generation batches prompts of one length in path order.
-Requests
-that share their context tokens and path (the choices of a multiple-choice question) are scored from one cached
-forward of that context: with an anchor that offers a key/value cache (`new_cache()`, as openlm and hf do) the
+Requests that share their context tokens and path (the choices of a multiple-choice question) are scored from one
+cached forward of that context: with an anchor that offers a key/value cache (`new_cache()`, as openlm and hf do) the
 context runs once and only each choice's own tokens run per choice.
 
 Memory modes (model argument `memory`):
@@ -158,7 +157,6 @@ class HMLMEvalLM(TemplateLM):
         paths = self.loaded.route(unique, blocked=self.memory.blocked)
         where = {k: i for i, k in enumerate(unique)}
         return paths[[where[k] for k in keys]]
-
 
     def _autocast(self):
         return autocast_for(self._device)
