@@ -453,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides.extend(extra)
+    if args.command == "eval":
+        from .utils import passive_openmp
+
+        passive_openmp()   # before torch loads
     from .user_errors import USER_ERRORS
 
     try:

@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def passive_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless the environment chose a policy.
+    OpenMP reads it when torch loads it, so a command calls this before importing torch. On a 2-core machine that
+    other processes share, a spinning thread holds the core its partner needs: `hmlm eval`'s lm-eval tasks ran 5x
+    slower with the default policy (docs/benchmarks.md, "hmlm eval on a shared 2-core CPU")."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _process_umask() -> int:
     # os.umask can only be read by setting it; done once, at import, before any thread could be writing files
     mask = os.umask(0o022)

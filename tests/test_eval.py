@@ -157,6 +157,18 @@ def test_none_equals_the_bare_anchor_and_memory_matters(loaded):
     assert max(abs(g[0] - n[0]) for g, n in zip(generic, plain)) > 1e-6
 
 
+def test_generic_block_is_fetched_once_per_batch_with_the_same_results(loaded, monkeypatch):
+    lm = HMLMEvalLM(loaded=loaded, memory="generic", batch_size=8)
+    memory = lm._memory_of(torch.zeros(3, lm.levels, dtype=torch.long))
+    assert all(t.shape[0] == 3 and t.stride(0) == 0 for t in memory.tensors.values())   # views of one block
+    reqs = [(p, " 7") for p in PROMPTS]
+    gens = [(p, {"until": ["\n"], "max_gen_toks": 4}) for p in PROMPTS]
+    viewed = lm.loglikelihood(reqs), lm.generate_until(gens)
+    # against the block gathered into a copy per row, as every other mode fetches
+    monkeypatch.setattr(HMLMEvalLM, "_memory_of", lambda self, p: self.model.memory_context(p, "generic"))
+    assert (lm.loglikelihood(reqs), lm.generate_until(gens)) == viewed
+
+
 def test_blocked_changes_fetched_blocks_for_that_subtree_only(loaded):
     fetched = HMLMEvalLM(loaded=loaded, memory="fetched")
     paths = fetched.route_keys(PROMPTS)
@@ -186,6 +198,21 @@ def test_leaf_perplexity_matches_heldout_perplexity(loaded):
     for mode in ("fetched", "none"):
         assert by_leaf["overall"][mode] == pytest.approx(overall[mode], rel=1e-5)
     assert sum(b["tokens"] for b in by_leaf["bins"]) == by_leaf["tokens"] == sum(x["tokens"] for x in by_leaf["leaves"])
+
+
+def test_heldout_perplexity_runs_only_up_to_the_last_scored_label(loaded):
+    # the widths leaf_nll cuts each sequence to: every scored label inside, only padding after; the tiny model's
+    # held-out split has padded sequences, so the test above compares cut batches against full-width ones
+    from hmlm.data.packing import IGNORE_INDEX, SequenceShards
+    from hmlm.eval.perplexity import scored_widths
+
+    data = SequenceShards(Path(loaded.meta["index"]["dir"]) / "shards", "val")
+    widths = scored_widths(data)
+    for i, width in enumerate(widths):
+        labels = data[i]["labels"]
+        assert (labels[width:] == IGNORE_INDEX).all()
+        assert labels[width - 1] != IGNORE_INDEX or not (labels != IGNORE_INDEX).any()
+    assert min(widths) < data.seq_len - 1
 
 
 def test_one_pass_over_all_modes_equals_each_mode_from_full_logits(loaded):
@@ -226,8 +253,10 @@ def anchor_model_dir(tiny_model_dir, small_corpus, tmp_path_factory) -> Path:
     return Path(fit(recipe, progress=False, final_eval=False)["model_dir"])
 
 
-def test_hmlm_eval_on_two_models_writes_json_and_plots(tiny_model_dir, anchor_model_dir, tmp_path, capsys):
+def test_hmlm_eval_on_two_models_writes_json_and_plots(tiny_model_dir, anchor_model_dir, tmp_path, capsys,
+                                                       monkeypatch):
     out = tmp_path / "report"
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     rc = main(["eval", "--model", str(tiny_model_dir), "--model", str(anchor_model_dir), "--tasks",
                "hmlm_atomic_number,hmlm_heldout_lastword", "--limit", "4", "--out", str(out), "--batch-size", "8",
                "--buckets", "0,10,100", "--max-gen-toks", "4"])
@@ -244,8 +273,11 @@ def test_hmlm_eval_on_two_models_writes_json_and_plots(tiny_model_dir, anchor_mo
     assert set(first["perplexity"]["overall"]) == {"fetched", "generic", "none"}
     for key in ("buckets_png", "perplexity_png"):
         assert Path(report["files"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "Avg-SK" in printed and "hmlm_atomic_number" in printed
+    assert "it/s" not in captured.err and "%|" not in captured.err   # no lm-eval request bars (tqdm)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"   # set by the command before torch loads (hmlm.cli.main)
 
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert main(["eval", "--model", str(tiny_model_dir), "--memory", "blocked:9:9", "--out", str(out)]) == 2

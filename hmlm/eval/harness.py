@@ -9,7 +9,8 @@ EleutherAI/lm-evaluation-harness#4013 find it through the `lm_eval.models` entry
 so a plain `lm_eval --model hmlm ...` works there.
 
 lm-eval's CLI defaults to batch size 1, which costs the hmlm model a forward per request; without `--batch_size`
-(or a `--config` file that may set it) this entry point asks for the adapter's default batch instead.
+(or a `--config` file that may set it) this entry point asks for the adapter's default batch instead. Idle OpenMP
+threads sleep (hmlm.utils.passive_openmp), as under `hmlm eval`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def with_default_batch(argv: list[str], batch_size: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..utils import passive_openmp
+
+    passive_openmp()   # before the adapter imports torch, as `hmlm eval` does
     from .adapter import DEFAULT_BATCH_SIZE  # importing the adapter registers the `hmlm` model
     from lm_eval.__main__ import cli_evaluate
 

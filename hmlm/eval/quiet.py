@@ -7,14 +7,19 @@ captured, and outside a repository the hash comes from lm-eval's own `.git` read
 adapter installs it, so every route into lm-eval with the hmlm model (its API, `python -m hmlm.eval.harness`,
 `hmlm eval`) is quiet.
 
+`no_request_bars()` keeps lm-eval's per-task request-building progress bars off stderr while `hmlm eval` runs.
+
 It also drops lm-eval's warning, printed once per task that loads its data with `custom_dataset` (every task in
 evals/tasks and evals/examples), that "custom kwargs can be passed to --metadata": those tasks take none.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import subprocess
+from typing import Iterator
 
 
 def git_commit_hash() -> str | None:
@@ -42,3 +47,17 @@ def install() -> None:
 
     if hasattr(evaluator, "get_git_commit_hash"):   # a later lm-eval may compute it elsewhere; then nothing to do
         evaluator.get_git_commit_hash = git_commit_hash
+
+
+@contextlib.contextmanager
+def no_request_bars() -> Iterator[None]:
+    """Without the tqdm bar lm-eval draws on stderr while it builds each task's requests (one bar per task and memory
+    mode, each done in a fraction of a second): `hmlm eval` shows its own progress and reports. Restored after."""
+    import lm_eval.api.task as task_module
+
+    bar = task_module.tqdm
+    task_module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = bar

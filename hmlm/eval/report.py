@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from . import EvalError
+from . import EvalError, quiet
 from .buckets import DEFAULT_EDGES, FrequencyCounter, bucket_labels, bucket_of
 from .entities import EntityItem, EntitySpec
 from .tasks import DEFAULT_TASKS, ensure_task_dir
@@ -97,7 +97,9 @@ def run_tasks(lm, task_dict: dict, *, limit: int | None = None, samples: dict[st
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-    return evaluate(lm=lm, task_dict=task_dict, limit=limit, samples=samples, log_samples=True, bootstrap_iters=0)
+    with quiet.no_request_bars():
+        return evaluate(lm=lm, task_dict=task_dict, limit=limit, samples=samples, log_samples=True,
+                        bootstrap_iters=0)
 
 
 def entity_specs(task_dict: dict) -> dict[str, EntitySpec]:
@@ -233,13 +235,21 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
         counter = FrequencyCounter.for_model(data, source=opts.bucket_source, ambiguous=opts.ambiguous)
         console.print(f"[bold]eval[/] {label} ({path}): memory {', '.join(modes) or '-'} on "
                       f"{', '.join(opts.tasks)}" + (f" (skipped: {skipped})" if skipped else ""))
+        # the router's embedder loads (seconds, mostly Python imports) on a second thread while the held-out
+        # perplexity, which routes nothing and spends its time in torch kernels, runs on this one
+        embedder = _load_embedder_aside(loaded, modes, rc)
+        plain = [m for m in modes if m in have]
+        perplexity = None
+        if opts.perplexity and plain and data.heldout is not None:
+            perplexity = perplexity_by_leaf(loaded, data.heldout, modes=plain, batch_size=opts.batch_size)
+        if embedder is not None:
+            embedder.result()   # its error, if any, is raised here
         results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
                                  counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks)
         entry: dict[str, Any] = {"label": label, "path": str(path), "skipped": skipped,
                                  "modes": {m: {"tasks": r, "averages": averages(r)} for m, r in results.items()}}
-        plain = [m for m in modes if m in have]
-        if opts.perplexity and plain and data.heldout is not None:
-            entry["perplexity"] = perplexity_by_leaf(loaded, data.heldout, modes=plain, batch_size=opts.batch_size)
+        if perplexity is not None:
+            entry["perplexity"] = perplexity
         entry["notes"] = [n for n in (data.heldout_missing if opts.perplexity else None, data.mentions_missing) if n]
         for note in entry["notes"]:   # once per model, with what it costs
             console.print(f"[yellow]warning[/] {label}: {note}", highlight=False)
@@ -249,6 +259,21 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     print_report(report, console)
     console.print(f"[bold]eval[/] wrote {', '.join(report['files'].values())} ({report['seconds']} s)")
     return report
+
+
+def _load_embedder_aside(loaded, modes: Sequence[str], router_config):
+    """A future that loads `loaded.embedder` on another thread, or None when no mode routes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .memory_spec import parse_memory
+
+    if not any(parse_memory(m, levels=router_config.levels, branching=router_config.branching).needs_routing
+               for m in modes):
+        return None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hmlm-embedder")
+    future = pool.submit(lambda: loaded.embedder)
+    pool.shutdown(wait=False)   # the load runs on; the caller waits for it with future.result()
+    return future
 
 
 def _cuda() -> bool:
