@@ -45,6 +45,7 @@ from .gather import gather_layout, on_device, plan_level
 from .levels import (DeviceLevel, FileStorage, Level, PipelinedLevel, RowBatch, TensorStorage, pack_records,
                      to_device)
 from .optim import AdamHyper, RowUpdater, UpdateGroup, fused_adamw
+from .uva import check_host_read, resolve_host_read
 from .rows import DTYPE_NAMES, RowFormat, checksums_via
 from .safefile import SafetensorsError, read_header, read_tensor, tensor_slice, write_streamed
 
@@ -137,10 +138,7 @@ class TieredStore:
         from .cpu_adam import resolve_host_update
 
         self.host_update = resolve_host_update(host_update, optim_state)
-        from .uva import resolve_host_read
-
-        resolve_host_read(host_read, torch.device("cpu"))   # refuses a bad value now; resolved per device later
-        self.host_read = host_read
+        self.host_read = check_host_read(host_read)   # resolved per level for its compute device (uva.py)
         self._host_adam = None   # cpu_adam.HostAdam, made at the first update of a host level
         self.updater: RowUpdater = updater or fused_adamw
         self.compute_device = torch.device("cpu")
@@ -242,8 +240,6 @@ class TieredStore:
         if tier == "device":
             return DeviceLevel(key, fmt, nodes, dev)
         if tier == "host":
-            from .uva import resolve_host_read
-
             level = PipelinedLevel(key, fmt, nodes, dev, TensorStorage(fmt, nodes, torch.device("cpu"),
                                                                        dense_state=False), "host")
             level.host_read = resolve_host_read(self.host_read, dev)
@@ -274,8 +270,6 @@ class TieredStore:
                 level.cuda = device.type == "cuda"
                 level.stream = torch.cuda.Stream(device) if level.cuda else None
                 if not level.disk:
-                    from .uva import resolve_host_read
-
                     level.host_read = resolve_host_read(self.host_read, device)
                 if isinstance(level.storage, FileStorage):
                     level.storage.pin = level.cuda
@@ -571,7 +565,7 @@ class TieredStore:
 
     def ops_used(self) -> dict[str, str | None]:
         """The block I/O serving the disk tier (aio | threads), where host rows are updated (gpu | cpu_adam) and how
-        they are read (staged | uva); None where the bank has no such level (bench rows record them)."""
+        they are read (staged | pinned | uva); None where the bank has no such level (bench rows record them)."""
         ios = [getattr(getattr(lv, "storage", None), "io", None) for lv in self.levels.values() if lv.tier == "disk"]
         ios = [io for io in ios if io is not None]
         host = [lv for lv in self.levels.values() if lv.tier == "host"]

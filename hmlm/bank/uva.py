@@ -31,13 +31,18 @@ BLOCK = 4096   # elements of a row one program copies
 NUM_WARPS = 4
 
 
+def check_host_read(host_read: str) -> str:
+    """Refuses a value that is not a host read, naming the key."""
+    if host_read not in HOST_READ:
+        raise ValueError(f"memory.host_read: {host_read!r}; expected one of {', '.join(HOST_READ)}")
+    return host_read
+
+
 def resolve_host_read(host_read: str, compute_device: torch.device) -> str:
     """`auto` -> staged (page-locking a level in place commits all its host RAM, so it is asked for, not assumed);
     `uva` needs Triton; on the CPU there is nothing to read across, so uva and pinned are the staged path (said
     once)."""
-    if host_read not in HOST_READ:
-        raise ValueError(f"memory.host_read: {host_read!r}; expected one of {', '.join(HOST_READ)}")
-    if host_read == "auto":
+    if check_host_read(host_read) == "auto":
         return "staged"
     if host_read == "uva" and compute_device.type == "cuda" and _triton() is None:
         raise ValueError("memory.host_read=uva needs Triton (it comes with the CUDA builds of torch); "
