@@ -15,6 +15,8 @@
 #   part 3: ref_b8_memory          the reference's rows with per-sample memory given as tensors (a second compile)
 #           hmlm_160m_b8_docmask_compiled   packed documents (flex attention under compile), anchor alone
 #           hmlm_160m_b8_cudagraphs         trainer.compile_mode=reduce-overhead (CUDA graphs), anchor alone
+#   part 5: ref_b16, hmlm_160m_b16_cudagraphs, hmlm_160m_b8_cudagraphs_memory: CUDA graphs (reduce-overhead), anchor
+#           alone and + memory (bf16 moments at B=16), not in "all"
 #   part 4: fit_overhead_b8        `hmlm bench fit-overhead`: fit's tokens/s against the bench's, 160M + memory on the
 #                                  device store, the bundled corpus indexed with the hashing embedder (not in "all")
 # All hmlm rows use batch x 2048 tokens, bf16 autocast, the paper's k=16 four-level tree and a bf16 bank, with
@@ -37,7 +39,7 @@ part="1"
 dry=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --part) part="${2:?--part needs 1, 2, 3 or all}"; shift 2 ;;
+    --part) part="${2:?--part needs 1, 2, 3, 4, 5 or all}"; shift 2 ;;
     --dry-run) dry=1; shift ;;
     *) ref="$1"; shift ;;
   esac
@@ -122,7 +124,7 @@ fitover() {  # NAME [overrides...]: hmlm bench fit-overhead at the 160M shape, i
        "index.dir=$out/index" "$@" --steps 30 --warmup 5 --out "$out/$name.json")
 }
 
-want() { [ "$part" = "$1" ] || { [ "$part" = "all" ] && [ "$1" != 4 ]; } || [[ ",$part," == *",$1,"* ]]; }
+want() { [ "$part" = "$1" ] || { [ "$part" = "all" ] && [ "$1" != 4 ] && [ "$1" != 5 ]; } || [[ ",$part," == *",$1,"* ]]; }
 # the second number is the least time a run needs to give its first row (compilation included); started, it may use
 # all the time left (its later rows are kept only if they finish)
 if want 1; then
@@ -150,6 +152,15 @@ if want 3; then
     --stores "" --compile
   run hmlm_160m_b8_cudagraphs 100 bench hmlm_160m_b8_cudagraphs trainer.batch_size=8 \
     trainer.compile_mode=reduce-overhead --stores "" --compile
+fi
+if want 5; then
+  # CUDA graphs over the compiled forward and backward (trainer.compile_mode=reduce-overhead), anchor alone and with
+  # memory, at batch 16 then 8; the reference's compiled rows at batch 16 in the same call
+  run ref_b16 75 reference 16 ref_compiled
+  run hmlm_160m_b16_cudagraphs 150 bench hmlm_160m_b16_cudagraphs trainer.batch_size=16 memory.optim_state=bf16 \
+    trainer.compile_mode=reduce-overhead --stores device --compile
+  run hmlm_160m_b8_cudagraphs_memory 150 bench hmlm_160m_b8_cudagraphs_memory trainer.batch_size=8 \
+    trainer.compile_mode=reduce-overhead --stores device --compile
 fi
 if want 4; then
   # `hmlm fit` (Lightning, the index's loader, logging, checkpoints) against the bench's step at the same shape: the

@@ -117,11 +117,16 @@ def _shape_table(rows: list[dict[str, Any]], lines: list[str]) -> dict[str, Any]
     variants = [r for r in rows if r["variant"] is not None]
     if variants:
         ref_c = cells[("reference", False, True)]
-        lines += ["", "| hmlm variant | tokens/s (MFU) | peak GiB | ratio vs reference compiled |",
-                  "| --- | ---: | ---: | ---: |"]
+        lines += ["", "| hmlm variant | tokens/s (MFU) | peak GiB | ratio vs reference compiled | "
+                  "step time with memory / anchor alone, same variant |", "| --- | ---: | ---: | ---: | ---: |"]
         for r in variants:
             name = f"{NAMES[('hmlm', r['memory'])]}{', compiled' if r['compiled'] else ''}, {r['variant']}"
-            lines.append(f"| {name} | {_cell(r)} | {_mem(r)} | {_fmt(_ratio(r, ref_c))} |")
+            alone = next((a for a in variants if not a["memory"] and (a["compiled"], a["variant"], a["source"])
+                          == (r["compiled"], r["variant"], r["source"])), None) if r["memory"] else None
+            step_ratio = _ratio(alone, r)
+            if step_ratio is not None:
+                ratios[f"hmlm_memory_step_time_vs_anchor_{r['variant']}"] = step_ratio
+            lines.append(f"| {name} | {_cell(r)} | {_mem(r)} | {_fmt(_ratio(r, ref_c))} | {_fmt(step_ratio)} |")
     lines.append("")
     return {"ratios": ratios,
             "rows": {f"{m}{' + memory' if mem else ''}{', compiled' if c else ''}": r

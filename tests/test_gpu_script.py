@@ -163,3 +163,28 @@ def test_the_real_run_executes_every_part1_command(tmp_path):
                                                       ["hmlm_160m_b8_compiled", "rc=0"]], summary
     calls = log.read_text()
     assert "benchmarks/reference_rows.py" in calls and calls.count("-m hmlm.cli bench train") == 2
+
+
+def test_part5_runs_cuda_graph_rows_and_the_table_gives_their_memory_ratio(tmp_path):
+    """Part 5 (not in "all"): the reference at batch 16 and hmlm's reduce-overhead rows, anchor alone and + memory;
+    the table sets each memory variant against the anchor alone of the same variant and file."""
+    lines = script_lines(tmp_path / "gpu", "--part", "5")
+    commands = [shlex.split(line)[3:] for line in lines if " -m hmlm.cli " in line]
+    assert len(commands) == 2 and any("ref_b16.json" in line for line in lines)
+    assert all("trainer.compile_mode=reduce-overhead" in c and "--compile" in c and c[c.index("--stores") + 1]
+               == "device" for c in commands)
+    out = tmp_path / "rows"
+    out.mkdir()
+    common = {"batch": 16, "seq_len": 2048, "compile_mode": "reduce-overhead", "doc_mask": False}
+    (out / "hmlm_x.json").write_text(json.dumps([
+        {**common, "config": "anchor only, compiled", "anchor_params": 100, "tokens_per_s": 300.0, "mfu": 0.4},
+        {**common, "config": "anchor + memory (device store), compiled", "anchor_params": 100, "tokens_per_s": 250.0,
+         "mfu": 0.36}]))
+    (out / "ref_b16.json").write_text(json.dumps([
+        {"model": "reference", "memory": False, "compiled": True, "config": "ref_compiled", "params": 100,
+         "batch": 16, "seq_len": 2048, "tokens_per_s": 200.0, "mfu": 0.3}]))
+    assert table_main([str(out)]) == 0
+    md = (out / "speed.md").read_text()
+    assert "| hmlm + memory (256,64,16,0), device store, compiled, compile_mode=reduce-overhead | 250 (36.0%) | - | " \
+           "1.25 | 1.20 |" in md, md
+    assert "| hmlm anchor alone, compiled, compile_mode=reduce-overhead | 300 (40.0%) | - | 1.50 | - |" in md

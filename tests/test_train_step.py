@@ -144,6 +144,19 @@ def test_inductor_is_the_default_compile_backend(tiny_recipe):
         TrainStep(build_model(recipe, VOCAB), recipe, compile_mode="fastest")
 
 
+def test_cuda_graph_modes_mark_each_step(tiny_recipe, monkeypatch):
+    """Under reduce-overhead each step starts a new CUDA-graph iteration (so the graphs may reuse their buffers);
+    the steps compute what the default mode computes."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    batches = _batches(tiny_recipe(), 2)
+    _, want = _shared_step_run(tiny_recipe(**{"trainer.compile_mode": "default"}), batches, compile=True)
+    assert marks == []
+    torch._dynamo.reset()
+    _, got = _shared_step_run(tiny_recipe(**{"trainer.compile_mode": "reduce-overhead"}), batches, compile=True)
+    assert len(marks) == 2 and got == pytest.approx(want, rel=1e-6)
+
+
 def test_flex_attention_under_compile_matches_the_dense_mask(tiny_recipe, monkeypatch):
     """The compiled forward of packed documents takes flex attention (forward-only on CPU): same logits."""
     import hmlm.anchors.openlm as openlm

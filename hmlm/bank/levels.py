@@ -36,6 +36,8 @@ import torch
 from .blockio import BlockIO, BlockIOFactory, ThreadPoolBlockIO, aligned_empty
 from .levelfile import (HEADER, BankFileError, UndoLog, check_level_file, create_level_file, fsync_dir, new_file_id,
                         read_undo, undo_epochs, undo_path)
+from .indexed_adamw import indexed_adamw_
+from .optim import AdamHyper
 from .rows import RowFormat, checksums_via
 
 MAX_STAGED_TASKS = 4
@@ -420,6 +422,14 @@ class DeviceLevel(Level):
         self.storage.write(rows, batch)
         if batch.has_state:
             self.state_rows[rows] = True
+
+    def update_in_place(self, rows: torch.Tensor, grad: torch.Tensor, steps: torch.Tensor, hyper: AdamHyper,
+                        scale: torch.Tensor | None) -> None:
+        """AdamW of `rows` where their values and moments live, from their gradient [U, P] (indexed_adamw.py)."""
+        st = self.storage
+        st._alloc_state()
+        indexed_adamw_(st.params, st.m, st.v, to_device(rows, st.device), grad, steps, hyper, scale)
+        self.state_rows[rows] = True
 
     def read_range(self, a: int, b: int, with_state: bool) -> RowBatch:
         return self.storage.read_range(a, b, with_state, self.state_rows)

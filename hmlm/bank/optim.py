@@ -174,3 +174,6 @@ def fused_adamw(groups: Sequence[UpdateGroup], hyper: AdamHyper, scale: torch.Te
 
 
 fused_adamw.storage_dtypes = True  # type: ignore[attr-defined]
+# a store may update a dense group of device-tier rows in place with indexed_adamw.indexed_adamw_: the same math,
+# without gathering the moments out and copying everything back (an updater without this attribute gets [U, P] groups)
+fused_adamw.in_place_rows = True  # type: ignore[attr-defined]

@@ -521,6 +521,8 @@ class TieredStore:
         # an updater that takes values, gradient and moments in their own dtypes (fused_adamw) reads and rounds into
         # the fetched rows in place; the float32 reference (lazy_adamw) gets float32 copies, written back after
         native = getattr(self.updater, "storage_dtypes", False)
+        # an updater that declares `in_place_rows` (fused_adamw) lets device-tier rows be updated in place
+        in_place = getattr(self.updater, "in_place_rows", False)
         work = []
         for f in groups:
             level = self.levels[f.key]
@@ -532,6 +534,10 @@ class TieredStore:
                                      level.steps.index_select(0, rows_dev), hyper, self.host_adam())
                 continue
             batch = f.batch
+            if (in_place and isinstance(level, DeviceLevel) and level.fmt.optim_state != "factored"
+                    and batch is not None and not batch.has_state):
+                level.update_in_place(f.rows, f.gradient(), level.steps.index_select(0, rows_dev), hyper, scale)
+                continue
             if batch is not None and not batch.has_state and isinstance(level, DeviceLevel):
                 # the values came with the fetch; only the moments are read, and the rows are written back whole
                 m, v = level.fetch_state(f.rows)

@@ -150,6 +150,9 @@ class TrainStep:
         compile = recipe.trainer.compile if compile is None else compile
         compile_mode = compile_mode or recipe.trainer.compile_mode
         self.compiled = compile
+        # CUDA graphs (reduce-overhead, max-autotune): each step tells them a new iteration starts, so the graphs'
+        # output buffers of the previous step may be reused (the loss a caller still holds is read before that)
+        self.cudagraphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"trainer.compile_mode: {compile_mode!r}; expected one of {', '.join(COMPILE_MODES)}")
         self._nll: Callable[..., torch.Tensor] = self._forward_nll
@@ -201,6 +204,8 @@ class TrainStep:
                  engine: Engine, rank: int = 0, world: int = 1, groups: int = 1) -> torch.Tensor | None:
         """Run one step; returns the detached loss (no host sync), or None when the engine dropped the update (the
         non-finite guard's skip mode). Optimizers not trained are None."""
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         self.set_learning_rates(step, anchor_opt, bank_opt)
         if anchor_opt is not None:
             anchor_opt.zero_grad(set_to_none=True)
@@ -221,4 +226,6 @@ class TrainStep:
         # lazy AdamW has its own region inside (hmlm.bank_optim)
         with record_function("hmlm.optim"):
             engine.step([opt for opt in (anchor_opt, bank_opt) if opt is not None])
-        return loss.detach()
+        # under CUDA graphs the loss lives in a graph's output buffer, which the next step's replay overwrites: a
+        # copy (one tiny kernel) is the caller's to keep, e.g. for a progress bar read steps later
+        return loss.detach().clone() if self.cudagraphs else loss.detach()
