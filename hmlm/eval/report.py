@@ -243,9 +243,9 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     """Evaluate every model x memory mode, print the tables, write report.json and the plots; return the report."""
     from ..export import load_model_dir
+    from .adapter import parse_memory   # the adapter's import also quiets lm-eval's task loading (hmlm.eval.quiet)
     from .lane import Lane
     from .leafppl import leaf_perplexity
-    from .memory_spec import parse_memory
     from .modeldata import EvalData
     from .perplexity import available_modes, leaf_nll
 
