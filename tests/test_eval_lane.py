@@ -99,3 +99,24 @@ def test_load_embedder_loads_a_lazy_embedder_once(tiny_model_dir):
     loaded.embedder.load = lambda: loads.append(1)   # an embedder that loads lazily offers load()
     loaded.load_embedder()
     assert loads == [1]
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_perplexity_runs_beside_the_tasks_only_for_anchors_that_allow_concurrent_forwards(
+        tiny_model_dir, tmp_path, monkeypatch, concurrent):
+    import hmlm.anchors.openlm as openlm
+    import hmlm.eval.perplexity as perplexity
+    from hmlm.eval.report import EvalOptions, run_eval
+
+    monkeypatch.setattr(openlm.OpenLMAnchor, "concurrent_forward", concurrent)
+    threads, original = [], perplexity.leaf_nll
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(perplexity, "leaf_nll", recording)
+    report = run_eval(EvalOptions(models=[str(tiny_model_dir)], tasks=["hmlm_atomic_number"], limit=2, batch_size=4,
+                                  out=str(tmp_path)))
+    assert set(report["models"][0]["perplexity"]["overall"]) == set(MODES)
+    assert threads == (["hmlm-eval-lane"] * 3 if concurrent else ["MainThread"])

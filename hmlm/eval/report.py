@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -288,8 +289,12 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
             if any(parse_memory(m, levels=rc.levels, branching=rc.branching).needs_routing for m in modes):
                 side.append(lane.submit(KEYS_PRIORITY, loaded.load_embedder))
             ppl_modes = [m for m in modes if m in have] if opts.perplexity and data.heldout is not None else []
-            nll_jobs = [lane.submit(PERPLEXITY_PRIORITY, leaf_nll, loaded, data.heldout, modes=[m],
-                                    batch_size=opts.batch_size) for m in ppl_modes]
+            if getattr(loaded.model.anchor, "concurrent_forward", False):
+                nll_jobs = [lane.submit(PERPLEXITY_PRIORITY, leaf_nll, loaded, data.heldout, modes=[m],
+                                        batch_size=opts.batch_size) for m in ppl_modes]
+            else:   # an anchor that keeps state on the module between calls runs one forward at a time (protocols)
+                nll_jobs = [_done(leaf_nll(loaded, data.heldout, modes=ppl_modes, batch_size=opts.batch_size))] \
+                    if ppl_modes else []
             results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
                                      counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks, lane=lane)
             for future in side:
@@ -316,6 +321,12 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     print_report(report, console)
     console.print(f"[bold]eval[/] wrote {', '.join(report['files'].values())} ({report['seconds']} s)")
     return report
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _cuda() -> bool:
