@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -129,6 +130,9 @@ class LoadedModel:
     router: Any
     _embedder: Any = None
     _embedded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # `hmlm eval` embeds retrieval keys on a second thread while the tasks run (hmlm.eval.lane): one embedder call at
+    # a time, so a key asked for on both threads is embedded once, by whichever comes first
+    _embed_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def embedder(self):
@@ -165,14 +169,23 @@ class LoadedModel:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings [N, dim] of texts; each distinct text is embedded once per loaded model (evaluation routes
         the same keys under several memory modes, tasks and training-time evaluations)."""
-        new = [t for t in dict.fromkeys(texts) if t not in self._embedded]
-        if new:
-            if len(self._embedded) + len(new) > EMBED_CACHE_SIZE:
-                self._embedded.clear()
-            self._embedded.update(zip(new, self.embedder.embed(new).astype(np.float32)))
-        if not texts:
-            return np.zeros((0, self.embedder.dim), dtype=np.float32)
-        return np.stack([self._embedded[t] for t in texts])
+        with self._embed_lock:
+            new = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+            if new:
+                if len(self._embedded) + len(new) > EMBED_CACHE_SIZE:
+                    self._embedded.clear()
+                self._embedded.update(zip(new, self.embedder.embed(new).astype(np.float32)))
+            if not texts:
+                return np.zeros((0, self.embedder.dim), dtype=np.float32)
+            return np.stack([self._embedded[t] for t in texts])
+
+    def load_embedder(self) -> None:
+        """Build the router's embedder and load its weights now (an embedder that loads lazily offers `load()`), so
+        the first `embed` does not pay for it; `hmlm eval` calls this on its second thread."""
+        with self._embed_lock:
+            load = getattr(self.embedder, "load", None)
+            if callable(load):
+                load()
 
     def route(self, texts: Sequence[str], *, blocked: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         """Tree paths [N, levels] for texts, by the same greedy descent used to index the training corpus."""

@@ -10,6 +10,7 @@ a memory mode:
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -23,6 +24,10 @@ from .config import Recipe
 from .memories.placement import parse_placement
 from .plugin_config import call_with_options, create
 from .protocols import MemoryContext
+
+# `hmlm eval` scores on two threads (hmlm.eval.lane), and a store's tiers, staging and LRU are not thread-safe: one
+# fetch at a time per process (a module-level lock, so a model still pickles and deep-copies)
+_FETCH_LOCK = threading.Lock()
 
 MEMORY_MODES = ("fetched", "generic", "none")
 
@@ -53,7 +58,8 @@ class MemoryLM(nn.Module):
         device = torch.device(getattr(self.store, "compute_device", "cpu"))
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         extra = {} if dtype is None else {"dtype": dtype}
-        tensors = self.store.fetch(paths, generic_mask=generic_mask, grad=grad, **extra)
+        with _FETCH_LOCK:
+            tensors = self.store.fetch(paths, generic_mask=generic_mask, grad=grad, **extra)
         assert self.layout is not None
         return MemoryContext(self.layout.memory, tensors, self.layout.layers)
 

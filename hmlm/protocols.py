@@ -106,6 +106,11 @@ class Anchor(Protocol):
     Optionally an anchor offers a key/value cache: `new_cache()` returns an object with `length` and `repeat(n)`,
     and `forward(..., cache=c)` lets the new tokens attend to every cached position, then appends them to `c`
     (see hmlm.anchors.openlm.KVCache). Callers test for `new_cache` and fall back to full forwards without it.
+
+    An anchor whose forward keeps no state on the module between calls (memory and cache only as arguments) may set
+    the class attribute `concurrent_forward = True`: `hmlm eval` then runs the held-out perplexity on a second thread
+    while the tasks run (hmlm.eval.lane). Without it (e.g. `hf`, whose memory hooks read the batch's memory from the
+    module) every forward stays on one thread.
     """
 
     shape: AnchorShape

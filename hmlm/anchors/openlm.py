@@ -330,6 +330,8 @@ def _plus(t: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
 class OpenLMAnchor(nn.Module):
     """The anchor LM. forward(input_ids [B,T], *, memory=None, doc_ids=None, cache=None) -> logits [B,T,V]."""
 
+    concurrent_forward = True   # memory and cache come as arguments: two threads may run forward at once
+
     def __init__(self, config: OpenLMConfig):
         super().__init__()
         self.config = config

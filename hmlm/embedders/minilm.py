@@ -71,8 +71,12 @@ class MiniLMEmbedder:
         return cls(batch_size=cfg.batch_size, max_length=cfg.max_length, precision=cfg.precision,
                    path=getattr(cfg, "path", None))
 
+    def load(self) -> None:
+        """Load tokenizer and model now (embed() does it on first use, so building an embedder stays cheap)."""
+        if self._model is None:
+            self._load()
+
     def _load(self) -> None:
-        """Load tokenizer and model on first use, so building an embedder object stays cheap."""
         if self.path is not None:
             from .local_copy import read_copy_meta
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,7 @@ class HMLMEvalLM(TemplateLM):
     def __init__(self, path: str | None = None, memory: str = "fetched", batch_size: int | str | None = None,
                  device: str | None = None, max_gen_toks: int = 32, max_length: int | None = None,
                  verify: bool | str = True, loaded: LoadedModel | None = None, max_batch_size: int | None = None,
-                 **unknown: Any):
+                 embed_ahead: Callable[[list[str]], Any] | None = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise EvalError(f"hmlm model_args: unknown argument(s) {', '.join(sorted(unknown))}; known: path, "
@@ -128,6 +128,9 @@ class HMLMEvalLM(TemplateLM):
         self.max_length = int(max_length or loaded.recipe.data.seq_len)
         self._device = loaded.device
         self.levels = rc.levels
+        # a mode that routes nothing hands its retrieval keys to this (hmlm eval: embedded on its second thread for
+        # the routing modes that follow; lm-eval builds the same requests for every mode)
+        self.embed_ahead = embed_ahead
 
     # ---- lm-eval plumbing ------------------------------------------------------------------------
 
@@ -149,9 +152,11 @@ class HMLMEvalLM(TemplateLM):
 
     def route_keys(self, keys: Sequence[str]) -> torch.Tensor:
         """Tree paths [N, levels] for retrieval keys under this memory mode (zeros when no routing is needed)."""
+        unique = sorted(set(keys))   # LoadedModel.route embeds exactly this list, so embed_ahead passes it too
         if not self.memory.needs_routing:
+            if self.embed_ahead is not None and unique:
+                self.embed_ahead(unique)
             return torch.zeros(len(keys), self.levels, dtype=torch.long)
-        unique = sorted(set(keys))
         if not unique:
             return torch.zeros(0, self.levels, dtype=torch.long)
         paths = self.loaded.route(unique, blocked=self.memory.blocked)

@@ -36,8 +36,15 @@ def perplexity_by_leaf(loaded, index_dir: Path, *, modes: Sequence[str], batch_s
                        split: str = "val", progress: bool = False) -> dict:
     """{"overall": {mode: ppl}, "tokens": n, "bins": [{"bin", "train_tokens_min", "leaves", "tokens", "ppl": {mode}}],
     "leaves": [{"leaf", "train_tokens", "tokens", "ppl": {mode}}]} over the index's `split` sequences."""
-    index_dir = Path(index_dir)
-    count, nll = leaf_nll(loaded, index_dir, modes=modes, batch_size=batch_size, split=split, progress=progress)
+    count, nll = leaf_nll(loaded, Path(index_dir), modes=modes, batch_size=batch_size, split=split, progress=progress)
+    return leaf_perplexity(Path(index_dir), count, nll, split=split)
+
+
+def leaf_perplexity(index_dir: Path, count: dict[int, int], nll: dict[str, dict[int, float]], *,
+                    split: str = "val") -> dict:
+    """perplexity_by_leaf's report from leaf_nll's (tokens per leaf, {mode: summed NLL per leaf}); `hmlm eval` runs
+    leaf_nll once per mode (on its second thread) and merges the modes' NLLs before this."""
+    modes = list(nll)
     levels = SequenceShards(index_dir / "shards", split).levels
     train_tokens = load_file(str(index_dir / "node_stats.safetensors"))[f"level{levels}_tokens"]
     total = max(sum(count.values()), 1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -26,6 +28,7 @@ from .entities import EntityItem, EntitySpec
 from .tasks import DEFAULT_TASKS, ensure_task_dir
 
 if TYPE_CHECKING:
+    from .lane import Lane
     from .removal import RemovalOptions
 
 # the paper's benchmarks (App. B) by their lm-eval names, for CK/SK averages of tasks without our metadata
@@ -126,14 +129,37 @@ def _knowledge(task: str, config: dict) -> str | None:
 
 def evaluate_modes(loaded, task_dict: dict, modes: Sequence[str], *, limit: int | None = None,
                    batch_size: int = 32, counter: FrequencyCounter | None = None,
-                   edges: Sequence[int] = DEFAULT_EDGES, max_gen_toks: int = 32) -> dict[str, dict]:
+                   edges: Sequence[int] = DEFAULT_EDGES, max_gen_toks: int = 32,
+                   lane: "Lane | None" = None) -> dict[str, dict]:
     """{mode: {task: result}} for one loaded model; the core shared by `hmlm eval` and the training callback.
-    A result has the task's CK/SK group, its accuracy metric, n, per-bucket accuracy and one row per item."""
+    A result has the task's CK/SK group, its accuracy metric, n, per-bucket accuracy and one row per item.
+
+    Modes that route nothing (none, generic) run first; given a `lane` (hmlm.eval.lane), the first of them hands
+    its retrieval keys to it, so they are embedded there while that mode and the next run here, and the routing
+    modes find them embedded. The caller's thread runs on one torch thread while the lane has work.
+    Every mode's results are the same in any order (each lm-eval run is seeded alike)."""
     from .adapter import HMLMEvalLM
+    from .memory_spec import parse_memory
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    raw = {mode: run_tasks(HMLMEvalLM(loaded=loaded, memory=mode, batch_size=batch_size, max_gen_toks=max_gen_toks),
-                           task_dict, limit=limit) for mode in modes}
+    rc = loaded.recipe.index.router
+    routes = {m: parse_memory(m, levels=rc.levels, branching=rc.branching).needs_routing for m in modes}
+    order = sorted(modes, key=lambda m: routes[m])   # stable: non-routing modes first, each group in given order
+    ahead = order[0] if lane is not None and not routes[order[0]] and any(routes.values()) else None
+    keys_embedded: list = []   # the lane's futures, checked below so that no error of theirs goes unseen
+
+    def embed_ahead(keys: list[str]) -> None:
+        keys_embedded.append(lane.submit(KEYS_PRIORITY, loaded.embed, keys))
+
+    raw = {}
+    for mode in order:
+        lm = HMLMEvalLM(loaded=loaded, memory=mode, batch_size=batch_size, max_gen_toks=max_gen_toks,
+                        embed_ahead=embed_ahead if mode == ahead else None)
+        with torch_threads(1 if lane is not None and lane.busy else None):
+            raw[mode] = run_tasks(lm, task_dict, limit=limit)
+    for future in keys_embedded:
+        future.result()
+    raw = {mode: raw[mode] for mode in modes}
     items: dict[str, dict[int, EntityItem]] = {}
     if counter is not None and raw:
         # every mode sees the same documents; all tasks' items are resolved together (see FrequencyCounter.prepare)
@@ -143,6 +169,24 @@ def evaluate_modes(loaded, task_dict: dict, modes: Sequence[str], *, limit: int 
         counter.prepare([it for per_task in items.values() for it in per_task.values()])
     return {mode: {task: _task_result(task, res, items.get(task), counter, edges) for task in res["samples"]}
             for mode, res in raw.items()}
+
+
+KEYS_PRIORITY, PERPLEXITY_PRIORITY = 0, 1   # on the lane, keys (a routing mode waits for them) before perplexity
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """This thread's torch thread count set to n (None: unchanged) for the block."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(before)
 
 
 def _task_result(task: str, res: dict, items: dict[int, EntityItem] | None, counter: FrequencyCounter | None,
@@ -200,10 +244,11 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     """Evaluate every model x memory mode, print the tables, write report.json and the plots; return the report."""
     from ..export import load_model_dir
-    from .adapter import parse_memory
-    from .leafppl import perplexity_by_leaf
+    from .adapter import parse_memory   # the adapter's import also quiets lm-eval's task loading (hmlm.eval.quiet)
+    from .lane import Lane
+    from .leafppl import leaf_perplexity
     from .modeldata import EvalData
-    from .perplexity import available_modes
+    from .perplexity import available_modes, leaf_nll
 
     console = console or Console()
     if not console.is_terminal and console.width < 160:
@@ -235,17 +280,34 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
         counter = FrequencyCounter.for_model(data, source=opts.bucket_source, ambiguous=opts.ambiguous)
         console.print(f"[bold]eval[/] {label} ({path}): memory {', '.join(modes) or '-'} on "
                       f"{', '.join(opts.tasks)}" + (f" (skipped: {skipped})" if skipped else ""))
-        # the router's embedder loads (seconds, mostly Python imports) on a second thread while the held-out
-        # perplexity, which routes nothing and spends its time in torch kernels, runs on this one
-        embedder = _load_embedder_aside(loaded, modes, rc)
-        plain = [m for m in modes if m in have]
-        perplexity = None
-        if opts.perplexity and plain and data.heldout is not None:
-            perplexity = perplexity_by_leaf(loaded, data.heldout, modes=plain, batch_size=opts.batch_size)
-        if embedder is not None:
-            embedder.result()   # its error, if any, is raised here
-        results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
-                                 counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks)
+        # two streams of work (hmlm.eval.lane): lm-eval's loop of every mode on this thread; on the lane, the router's
+        # embedder load, the retrieval keys' embeddings (handed over by the first mode that routes nothing) and the
+        # held-out perplexity of each mode (large kernels, no routing: the index stores each sequence's path)
+        lane = Lane(threads=1)
+        try:
+            side = []
+            if any(parse_memory(m, levels=rc.levels, branching=rc.branching).needs_routing for m in modes):
+                side.append(lane.submit(KEYS_PRIORITY, loaded.load_embedder))
+            ppl_modes = [m for m in modes if m in have] if opts.perplexity and data.heldout is not None else []
+            if getattr(loaded.model.anchor, "concurrent_forward", False):
+                nll_jobs = [lane.submit(PERPLEXITY_PRIORITY, leaf_nll, loaded, data.heldout, modes=[m],
+                                        batch_size=opts.batch_size) for m in ppl_modes]
+            else:   # an anchor that keeps state on the module between calls runs one forward at a time (protocols)
+                nll_jobs = [_done(leaf_nll(loaded, data.heldout, modes=ppl_modes, batch_size=opts.batch_size))] \
+                    if ppl_modes else []
+            results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
+                                     counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks, lane=lane)
+            for future in side:
+                future.result()   # its error, if any, is raised here
+            perplexity = None
+            if nll_jobs:
+                count, nll = {}, {}
+                for job in nll_jobs:
+                    count, per_mode = job.result()
+                    nll.update(per_mode)
+                perplexity = leaf_perplexity(data.heldout, count, nll)
+        finally:
+            lane.close()
         entry: dict[str, Any] = {"label": label, "path": str(path), "skipped": skipped,
                                  "modes": {m: {"tasks": r, "averages": averages(r)} for m, r in results.items()}}
         if perplexity is not None:
@@ -261,18 +323,9 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     return report
 
 
-def _load_embedder_aside(loaded, modes: Sequence[str], router_config):
-    """A future that loads `loaded.embedder` on another thread, or None when no mode routes."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .memory_spec import parse_memory
-
-    if not any(parse_memory(m, levels=router_config.levels, branching=router_config.branching).needs_routing
-               for m in modes):
-        return None
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hmlm-embedder")
-    future = pool.submit(lambda: loaded.embedder)
-    pool.shutdown(wait=False)   # the load runs on; the caller waits for it with future.result()
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
     return future
 
 
