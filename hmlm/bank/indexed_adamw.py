@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .optim import AdamHyper
+from .optim import AdamHyper, _row_adamw_
 from .uva import interpreting
 
 BLOCK = 2048      # values of a row one program updates
@@ -61,18 +61,13 @@ def available(device: torch.device) -> bool:
     return _kernel() is not None and (device.type == "cuda" or interpreting())
 
 
-def _reference_(P, M, V, rows, grad, bias1, bias2, lr, scale, hyper: AdamHyper) -> None:
-    """The same update in torch ops (optim._row_adamw_'s math on gathered rows, written back with index_copy_)."""
-    b1, b2 = hyper.beta1, hyper.beta2
-    g32 = grad.float() * scale
-    m32 = M.index_select(0, rows).float() * b1 + g32 * (1 - b1)
-    v32 = V.index_select(0, rows).float() * b2 + g32 * g32 * (1 - b2)
-    c1, c2 = bias1.unsqueeze(1), bias2.unsqueeze(1)
-    new = (P.index_select(0, rows).float() * (1 - lr * hyper.weight_decay)
-           - lr * (m32 / c1) / ((v32 / c2).sqrt() + hyper.eps))
-    P.index_copy_(0, rows, new.to(P.dtype))
-    M.index_copy_(0, rows, m32.to(M.dtype))
-    V.index_copy_(0, rows, v32.to(V.dtype))
+def _reference_(P, M, V, rows, grad, steps, lr, scale, hyper: AdamHyper) -> None:
+    """The same update in torch ops: optim's row AdamW on the gathered rows, written back with index_copy_."""
+    p, m, v = P.index_select(0, rows), M.index_select(0, rows), V.index_select(0, rows)
+    _row_adamw_(p, grad, m, v, steps, lr, scale, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
+    P.index_copy_(0, rows, p)
+    M.index_copy_(0, rows, m)
+    V.index_copy_(0, rows, v)
 
 
 @torch.no_grad()
@@ -92,15 +87,15 @@ def indexed_adamw_(params: torch.Tensor, m: torch.Tensor, v: torch.Tensor, rows:
     if rows.numel() == 0:
         return
     dev = params.device
-    t = steps.to(dev, torch.float32)
-    bias1 = 1 - torch.pow(hyper.beta1, t)
-    bias2 = 1 - torch.pow(hyper.beta2, t)
     lr = torch.full((), hyper.lr, dtype=torch.float32, device=dev)
     s = scale.to(dev, torch.float32) if scale is not None else torch.ones((), dtype=torch.float32, device=dev)
     kernel = _kernel()
     if use_kernel is False or kernel is None or (dev.type != "cuda" and not interpreting()):
-        _reference_(params, m, v, rows, grad, bias1, bias2, lr, s, hyper)
+        _reference_(params, m, v, rows, grad, steps.to(dev), lr, s, hyper)
         return
+    t = steps.to(dev, torch.float32)
+    bias1 = 1 - torch.pow(hyper.beta1, t)
+    bias2 = 1 - torch.pow(hyper.beta2, t)
     triton, adamw_rows = kernel
     for name, x in (("params", params), ("m", m), ("v", v), ("grad", grad)):
         if not x.is_contiguous():
