@@ -457,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         from .utils import passive_openmp
 
         passive_openmp()   # before torch loads
+    if args.command in ("fit", "index", "eval", "bench"):
+        from .utils import keep_freed_memory
+
+        keep_freed_memory()   # the same temporaries every step: reuse them instead of page-faulting them in again
     from .user_errors import USER_ERRORS
 
     try:

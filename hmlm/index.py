@@ -158,6 +158,16 @@ def check_index(path: Path, recipe: Recipe) -> dict[str, Any]:
     return meta
 
 
+def built_for_other_settings(path: Path, recipe: Recipe) -> bool:
+    """Whether `path` holds a readable index built with other data/index settings than `recipe` (False when there is
+    no index there, or one whose description cannot be read: using it reports that)."""
+    try:
+        meta = json.loads((Path(path) / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("fingerprint") != fingerprint(recipe)
+
+
 def read_index_meta(path: Path) -> dict[str, Any]:
     meta = read_json_artifact(Path(path) / "index.json", IndexError_,
                               missing="exists but has no index.json (a corrupt or foreign directory); delete it or "

@@ -11,6 +11,15 @@ if [ ! -x "$root/.venv/bin/python" ]; then
 fi
 py="$root/.venv/bin/python"
 log="$root/.venv/setup.log"
+# a re-run with nothing changed skips pip (~20 s, and no registry access): the stamp records what was installed (this
+# script, pyproject.toml, the extras, the torch pin, the checkout it points at) and is written only after a complete
+# install
+stamp="$root/.venv/.hmlm-setup-${extras:-core}"
+want="$(cat "$root/scripts/setup-env.sh" "$root/pyproject.toml" | sha256sum | cut -c1-16) ${HMLM_TORCH_VERSION:-2.13.0} $root"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && \
+   "$py" -c "from importlib import metadata as m; print(f\"hmlm {m.version('hmlm')} ready (torch {m.version('torch')}, installed earlier; $stamp)\")" 2>/dev/null; then
+  exit 0
+fi
 : > "$log"
 run() {  # run a pip step quietly; on failure show its output and stop
   if ! "$@" >> "$log" 2>&1; then
@@ -28,3 +37,4 @@ tv="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/nul
 spec="$root"; [ -n "$extras" ] && spec="$root[$extras]"
 run "$py" -m pip install -q --disable-pip-version-check -e "$spec" -c <(echo "torch==$tv")
 "$py" -c "import hmlm, torch; print(f'hmlm {hmlm.__version__} ready (torch {torch.__version__}; pip log: $log)')"
+echo "$want" > "$stamp"

@@ -377,6 +377,40 @@ def test_a_killed_overwrite_is_undone_by_the_next_fit(capsys, case):
     assert snapshot(case.dir) == original
 
 
+def test_overwrite_with_new_data_settings_sets_the_runs_own_index_aside(capsys, case):
+    """--overwrite with a recipe whose data/index settings changed (the quickstart after an update): the index inside
+    the run directory was the old run's; it goes aside with the old run, a new one is built, and the old one is
+    deleted with the old run once the new run has a checkpoint."""
+    from hmlm.config import load_recipe
+    from hmlm.index import fingerprint
+
+    old = json.loads((case.dir / "index" / "index.json").read_text())
+    recipe = case.write_recipe(**{"data.seq_len": 32, "trainer.max_steps": 3})
+    text = trained_ok(capsys, case, "--overwrite")
+    assert "was built with other data/index settings" in text and "set aside with the previous run" in text
+    new = json.loads((case.dir / "index" / "index.json").read_text())
+    assert new["fingerprint"] == fingerprint(load_recipe(recipe)) != old["fingerprint"] and new["seq_len"] == 32
+    assert not list(case.dir.glob(".previous-*"))
+
+
+def test_a_failed_overwrite_brings_the_old_run_back_with_its_index(capsys, case, monkeypatch):
+    import hmlm.train.fit
+
+    original = snapshot(case.dir)
+    case.write_recipe(**{"data.seq_len": 32})
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the new run dies before its first checkpoint")
+
+    monkeypatch.setattr(hmlm.train.fit, "_train", fail)
+    with pytest.raises(RuntimeError, match="dies before"):
+        main(["fit", "--recipe", str(case.recipe), "--overwrite"])
+    assert "the previous run is back" in capsys.readouterr().out.replace("\n", " ")
+    after = snapshot(case.dir)
+    assert_unchanged(original, after)
+    assert not list(case.dir.glob(".previous-*"))
+
+
 def test_checkpoint_from_another_recipe_is_refused(capsys, case):  # row 8
     refused(capsys, case, "--resume", "anchor.options.d_model=64",
             names=(case.dir / "checkpoints" / "last.ckpt", case.recipe, "`anchor.options.d_model`"))

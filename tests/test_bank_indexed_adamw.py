@@ -89,3 +89,29 @@ def test_the_triton_kernel_in_the_interpreter(monkeypatch):
 def test_the_triton_kernel_on_cuda():
     assert indexed_adamw.available(torch.device("cuda"))
     _kernel_against_reference("cuda")
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 300, 1 << 20])
+def test_cpu_chunks_change_nothing(monkeypatch, chunk_elements):
+    """The CPU updates rows a few at a time (optim.CPU_CHUNK_ELEMENTS, for the cache); the in-place path and the
+    default updater's both give bit for bit the unchunked update of all rows at once, for 40 rows of steps 1..200
+    (enough rows that pow's vectorised body and scalar tail both occur, which is why the bias corrections are
+    computed for all rows at once)."""
+    from hmlm.bank import optim
+
+    fmt, p, m, v, _, _, _ = level("fp32", n=50, seed=3)
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randperm(50, generator=g)[:40]
+    grad = torch.randn(40, fmt.numel, generator=g)
+    steps = torch.randint(1, 200, (40,), generator=g)
+    lr, scale = torch.tensor(HYPER.lr), torch.tensor(0.5)
+    want = [t[rows].clone() for t in (p, m, v)]
+    optim._row_adamw_(*want[:1], grad, *want[1:], steps, lr, scale, HYPER.beta1, HYPER.beta2, HYPER.eps,
+                      HYPER.weight_decay)
+    monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    group = UpdateGroup(fmt, p[rows].clone(), grad.clone(), m[rows].clone(), v[rows].clone(), steps)
+    fused_adamw([group], HYPER, scale)
+    indexed_adamw.indexed_adamw_(p, m, v, rows, grad, steps, HYPER, scale)
+    for got in ((group.params, group.m, group.v), (p[rows], m[rows], v[rows])):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)

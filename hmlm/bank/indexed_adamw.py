@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .optim import AdamHyper, _row_adamw_
+from .optim import AdamHyper, _adamw_math_, bias_corrections, cpu_chunk_rows
 from .uva import interpreting
 
 BLOCK = 2048      # values of a row one program updates
@@ -62,12 +62,18 @@ def available(device: torch.device) -> bool:
 
 
 def _reference_(P, M, V, rows, grad, steps, lr, scale, hyper: AdamHyper) -> None:
-    """The same update in torch ops: optim's row AdamW on the gathered rows, written back with index_copy_."""
-    p, m, v = P.index_select(0, rows), M.index_select(0, rows), V.index_select(0, rows)
-    _row_adamw_(p, grad, m, v, steps, lr, scale, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
-    P.index_copy_(0, rows, p)
-    M.index_copy_(0, rows, m)
-    V.index_copy_(0, rows, v)
+    """The same update in torch ops: optim's row AdamW math on the gathered rows, written back with index_copy_, a
+    few rows at a time (optim.cpu_chunk_rows: the temporaries stay in cache; the results do not depend on it)."""
+    b1, b2 = hyper.beta1, hyper.beta2
+    bias1, bias2 = bias_corrections(steps, b1, b2)
+    per = cpu_chunk_rows(P.shape[1]) if P.device.type == "cpu" else rows.numel()
+    for a in range(0, rows.numel(), per):
+        at, part = rows[a:a + per], slice(a, a + per)
+        p, m, v = P.index_select(0, at), M.index_select(0, at), V.index_select(0, at)
+        _adamw_math_(p, grad[part], m, v, bias1[part], bias2[part], lr, scale, b1, b2, hyper.eps, hyper.weight_decay)
+        P.index_copy_(0, at, p)
+        M.index_copy_(0, at, m)
+        V.index_copy_(0, at, v)
 
 
 @torch.no_grad()

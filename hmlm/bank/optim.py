@@ -119,30 +119,64 @@ def _factored_denom(g: UpdateGroup, b2: float, bias2: torch.Tensor, eps: float) 
     return denom
 
 
-def _row_adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, steps: torch.Tensor,
-                lr: torch.Tensor, scale: torch.Tensor, b1: float, b2: float, eps: float, wd: float) -> None:
-    """AdamW of rows [U, P] in place, math in float32, results rounded into p, m and v's own dtypes. `lr` and
-    `scale` are 0-dim tensors so that a compiled version neither recompiles as the schedule moves nor syncs."""
+def bias_corrections(steps: torch.Tensor, b1: float, b2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's bias corrections 1 - b^t of each row's step count, [U, 1] float32.
+
+    Computed for all U rows at once, even where the update then goes in chunks: a CPU pow runs vectorised over the
+    body of a tensor and in scalar code over its tail, and the two may round differently, so a chunked computation
+    would change the results with the chunking."""
+    t = steps.to(torch.float32).unsqueeze(1)
+    return 1 - torch.pow(b1, t), 1 - torch.pow(b2, t)
+
+
+def _adamw_math_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, bias1: torch.Tensor,
+                 bias2: torch.Tensor, lr: torch.Tensor, scale: torch.Tensor, b1: float, b2: float, eps: float,
+                 wd: float) -> None:
     g32 = g.float() * scale
     m32 = m.float() * b1 + g32 * (1 - b1)
     v32 = v.float() * b2 + g32 * g32 * (1 - b2)
-    t = steps.to(torch.float32).unsqueeze(1)
-    bias1 = 1 - torch.pow(b1, t)
-    bias2 = 1 - torch.pow(b2, t)
     new = p.float() * (1 - lr * wd) - lr * (m32 / bias1) / ((v32 / bias2).sqrt() + eps)
     p.copy_(new)
     m.copy_(m32)
     v.copy_(v32)
 
 
+def _row_adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, steps: torch.Tensor,
+                lr: torch.Tensor, scale: torch.Tensor, b1: float, b2: float, eps: float, wd: float) -> None:
+    """AdamW of rows [U, P] in place, math in float32, results rounded into p, m and v's own dtypes. `lr` and
+    `scale` are 0-dim tensors so that a compiled version neither recompiles as the schedule moves nor syncs."""
+    _adamw_math_(p, g, m, v, *bias_corrections(steps, b1, b2), lr, scale, b1, b2, eps, wd)
+
+
+# CPU: float32 elements of the rows updated at a time. The update's ~10 float32 temporaries of a whole level's rows
+# (tens of MB at the quickstart) would be mapped and page-faulted afresh by every step; a chunk's stay in cache.
+# 2^17 measured fastest of 2^14..2^19 on the 2-core CPU (the quickstart's bank update 130 -> 47 ms; benchmarks.md).
+CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+def cpu_chunk_rows(width: int) -> int:
+    """Rows of `width` values updated at a time on the CPU."""
+    return max(1, CPU_CHUNK_ELEMENTS // max(width, 1))
+
+
+def _row_adamw_chunked_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, steps: torch.Tensor,
+                        lr: torch.Tensor, scale: torch.Tensor, b1: float, b2: float, eps: float, wd: float) -> None:
+    """`_row_adamw_` a few rows at a time (the CPU path): bit for bit the same results, elementwise math on slices."""
+    bias1, bias2 = bias_corrections(steps, b1, b2)
+    per = cpu_chunk_rows(p.shape[1])
+    for a in range(0, p.shape[0], per):
+        rows = slice(a, a + per)
+        _adamw_math_(p[rows], g[rows], m[rows], v[rows], bias1[rows], bias2[rows], lr, scale, b1, b2, eps, wd)
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
 def _row_adamw_for(device: torch.device) -> Callable:
-    """The eager function on the CPU (no compiler needed, tests run it); one torch.compile'd kernel on CUDA, with
-    dynamic shapes since the number of fetched rows changes every step."""
+    """The eager function in cache-sized chunks on the CPU (no compiler needed, tests run it); one torch.compile'd
+    kernel on CUDA, with dynamic shapes since the number of fetched rows changes every step."""
     if device.type != "cuda":
-        return _row_adamw_
+        return _row_adamw_chunked_
     if "cuda" not in _COMPILED:
         _COMPILED["cuda"] = torch.compile(_row_adamw_, dynamic=True, fullgraph=True)
     return _COMPILED["cuda"]

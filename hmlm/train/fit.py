@@ -24,7 +24,7 @@ from rich.table import Table
 
 from ..config import Recipe, to_yaml
 from ..export import load_model_dir, save_model_dir
-from ..index import read_index_meta, use_index
+from ..index import built_for_other_settings, read_index_meta, use_index
 from ..model import MemoryLM, build_model
 from ..utils import atomic_write_path
 from .checkpoints import ChecksummedCheckpointIO, RecipeStamp
@@ -118,6 +118,12 @@ def fit(recipe: Recipe, *, resume: bool | str = False, overwrite: bool = False, 
     try:
         state = check_run_state(recipe, source=source, resume=resume, overwrite=overwrite, verify=verify,
                                 primary=primary, command=command)
+        if run is not None and overwrite and inside and built_for_other_settings(index_dir, recipe):
+            # the index inside the run directory belongs to the run being replaced (e.g. the quickstart after its
+            # recipe changed): it goes aside with that run and comes back with it if this one fails
+            console.print(f"[yellow]fit[/] --overwrite: {index_dir} was built with other data/index settings than "
+                          "this recipe; it is set aside with the previous run and a new index is built")
+            run.move_aside(also=(index_dir.name,))
         with use_index(recipe, console, verify=verify and primary, progress=progress) as index_dir:
             result = _train(recipe, state, index_dir, run, overwrite=overwrite, console=console, source=source,
                             verify=verify, progress=progress, final_eval=final_eval, t0=t0,

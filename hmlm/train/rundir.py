@@ -77,6 +77,7 @@ class RunDir:
         self.lock_file = FileLock(self.out_dir / LOCK_NAME)
         self.previous: Path | None = None   # where --overwrite moved the old run, until commit
         self.committed = False
+        self._also: tuple[str, ...] = ()   # entries moved aside besides RUN_ENTRIES (move_aside's `also`)
         self._info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lock
@@ -111,6 +112,7 @@ class RunDir:
                                    f"replaced ({prev})")
             else:
                 self.previous = self.out_dir / prev
+                self._also = tuple(stale.get("also", ()))
                 self._restore(discard_new=stale.get("phase") != "moving")
                 self.console.print(f"[yellow]fit[/] the killed run had written no checkpoint: moved the run it "
                                    f"replaced back from {prev}")
@@ -132,10 +134,17 @@ class RunDir:
         for note in notes:
             self.console.print(f"[yellow]fit[/] {note}")
 
-    def move_aside(self) -> None:
-        """--overwrite, right before the new run starts training: the previous run's entries go to .previous-<time>."""
-        entries = [e for e in RUN_ENTRIES if (self.out_dir / e).exists()]
-        if not existing_run(self.out_dir):
+    def move_aside(self, *, also: tuple[str, ...] = ()) -> None:
+        """--overwrite, right before the new run starts training: the previous run's entries go to .previous-<time>.
+
+        `also`: more names in out_dir that belong to the previous run (its index when this run needs another one,
+        moved before the new index is built): they come back with it if the new run fails, and are removed with it
+        otherwise. A second call (after an early one with `also`) does nothing."""
+        if self.previous is not None:
+            return
+        also = tuple(e for e in also if (self.out_dir / e).exists())
+        entries = [e for e in RUN_ENTRIES if (self.out_dir / e).exists()] + list(also)
+        if not existing_run(self.out_dir) and not also:
             return
         name = f".previous-{_timestamp()}"
         n = 0
@@ -143,7 +152,8 @@ class RunDir:
             n += 1
             name = f".previous-{_timestamp()}-{n}"
         self.previous = self.out_dir / name
-        self._info.update(previous=name, phase="moving")
+        self._also = also
+        self._info.update(previous=name, phase="moving", **({"also": list(also)} if also else {}))
         self.lock_file.write(self._info)  # recorded before the first rename: a kill mid-way is repaired by the next fit
         self.previous.mkdir()
         for entry in entries:
@@ -195,7 +205,7 @@ class RunDir:
         out_dir is new, so only the entries that were already moved are brought back."""
         assert self.previous is not None
         if discard_new:
-            for entry in RUN_ENTRIES:
+            for entry in (*RUN_ENTRIES, *self._also):
                 p = self.out_dir / entry
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
@@ -209,8 +219,9 @@ class RunDir:
         self._forget_previous()
 
     def _forget_previous(self) -> None:
-        self._info.pop("previous", None)
-        self._info.pop("phase", None)
+        self._also = ()
+        for key in ("previous", "phase", "also"):
+            self._info.pop(key, None)
         if self.lock_file.held:
             self.lock_file.write(self._info)
 
