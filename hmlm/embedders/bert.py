@@ -187,8 +187,9 @@ def load_encoder(folder: Path) -> BertEncoder:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise EmbedderError(f"{weights}: missing (the model folder needs its safetensors weights)")
-    with torch.device("meta"):
-        model = BertEncoder(cfg)
+    # built on the CPU, not on the meta device: meta-tensor init goes through torch._refs, which imports
+    # torch._dynamo (2 s); random init of 22M parameters costs a fraction of that, and the weights replace it
+    model = BertEncoder(cfg)
     try:
         with safe_open(str(weights), framework="pt") as f:
             names = [n for n in f.keys() if n not in _IGNORED_KEYS and not n.startswith(_IGNORED_PREFIXES)]
@@ -206,5 +207,5 @@ def load_encoder(folder: Path) -> BertEncoder:
             state = {n: f.get_tensor(n).float() for n in names}
     except SafetensorError as exc:
         raise EmbedderError(f"{weights}: unreadable safetensors file ({exc})") from None
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=True)
     return model.eval()
