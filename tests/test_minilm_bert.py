@@ -41,22 +41,23 @@ def _transformers_model(folder: Path) -> tuple:
 
 
 def _transformers_embed(folder: Path, texts: list[str], max_length: int, precision: str,
-                        batch_size: int) -> np.ndarray:
+                        batch_size: int, device: str = "cpu") -> np.ndarray:
     """The previous minilm path, verbatim: AutoTokenizer(padding, truncation) + AutoModel, mean pool, normalise,
     in the embedder's longest-first batch order."""
     tok, model = _transformers_model(folder)
+    model = model.to(device)
     out = np.empty((len(texts), 384), dtype=np.float32)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     with torch.inference_mode(), autocast:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
+                      return_tensors="pt").to(device)
             hidden = model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().numpy()
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
     return out
 
 
@@ -64,11 +65,13 @@ def _transformers_embed(folder: Path, texts: list[str], max_length: int, precisi
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is the reference being compared with")
 @pytest.mark.parametrize("max_length", [16, 128])
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_bit_identical_to_transformers(max_length: int, precision: str) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_bit_identical_to_transformers(max_length: int, precision: str, device: str) -> None:
     from hmlm.embedders.minilm import MiniLMEmbedder, model_dir
 
     texts = _texts()
-    e = MiniLMEmbedder(batch_size=7, max_length=max_length, precision=precision, device="cpu")
+    e = MiniLMEmbedder(batch_size=7, max_length=max_length, precision=precision, device=device)
     new = e.embed(texts)
     # the same word pieces, truncation and padding as AutoTokenizer (whole batch, so padding is to the longest)
     ref_enc = _transformers_model(model_dir())[0](
@@ -77,16 +80,16 @@ def test_bit_identical_to_transformers(max_length: int, precision: str) -> None:
     assert [x.ids for x in ours] == ref_enc["input_ids"]
     assert [x.attention_mask for x in ours] == ref_enc["attention_mask"]
     assert max(sum(x.attention_mask) for x in ours) == max_length   # the long texts were truncated
-    ref = _transformers_embed(model_dir(), texts, max_length, precision, batch_size=7)
+    ref = _transformers_embed(model_dir(), texts, max_length, precision, batch_size=7, device=device)
     assert torch.equal(torch.from_numpy(new), torch.from_numpy(ref))
     # a batch without padding (SDPA without a mask) and single texts take other kernels: still identical
     same_length = ["z " * 300, "y " * 200, "The quick brown fox jumps over the lazy dog. " * 40]
     assert all(sum(x.attention_mask) == max_length for x in e._tokenizer.encode_batch(same_length))
-    assert torch.equal(torch.from_numpy(e.embed(same_length)),
-                       torch.from_numpy(_transformers_embed(model_dir(), same_length, max_length, precision, 7)))
-    one = MiniLMEmbedder(batch_size=1, max_length=max_length, precision=precision, device="cpu")
+    ref_same = _transformers_embed(model_dir(), same_length, max_length, precision, 7, device)
+    assert torch.equal(torch.from_numpy(e.embed(same_length)), torch.from_numpy(ref_same))
+    one = MiniLMEmbedder(batch_size=1, max_length=max_length, precision=precision, device=device)
     assert torch.equal(torch.from_numpy(one.embed(texts[:5])),
-                       torch.from_numpy(_transformers_embed(model_dir(), texts[:5], max_length, precision, 1)))
+                       torch.from_numpy(_transformers_embed(model_dir(), texts[:5], max_length, precision, 1, device)))
 
 
 @needs_minilm
