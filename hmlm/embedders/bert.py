@@ -169,8 +169,9 @@ class BertEncoder(nn.Module):
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """transformers' SDPA mask for a bidirectional encoder: None without padding (SDPA may then take its fastest
-    kernel, and the floats differ from a mask of all True), else a contiguous bool [B, 1, T, T], True = attend."""
+    """transformers' SDPA mask for a bidirectional encoder: None when no row is padded, else a contiguous bool
+    [B, 1, T, T], True = attend. Kept exactly so that SDPA gets the same arguments and picks the same kernel (on
+    torch 2.13's CPU an all-True mask and None happened to give equal floats; that is not promised elsewhere)."""
     keep = attention_mask.bool()
     if bool(keep.all()):
         return None
