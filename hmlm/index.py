@@ -161,11 +161,13 @@ def check_index(path: Path, recipe: Recipe) -> dict[str, Any]:
 def built_for_other_settings(path: Path, recipe: Recipe) -> bool:
     """Whether `path` holds a readable index built with other data/index settings than `recipe` (False when there is
     no index there, or one whose description cannot be read: using it reports that)."""
-    try:
-        meta = json.loads((Path(path) / "index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not (Path(path) / "index.json").is_file():
         return False
-    return isinstance(meta, dict) and meta.get("fingerprint") != fingerprint(recipe)
+    try:
+        meta = read_index_meta(path)
+    except IndexError_:
+        return False
+    return meta.get("fingerprint") != fingerprint(recipe)
 
 
 def read_index_meta(path: Path) -> dict[str, Any]:
