@@ -161,8 +161,6 @@ def check_index(path: Path, recipe: Recipe) -> dict[str, Any]:
 def built_for_other_settings(path: Path, recipe: Recipe) -> bool:
     """Whether `path` holds a readable index built with other data/index settings than `recipe` (False when there is
     no index there, or one whose description cannot be read: using it reports that)."""
-    if not (Path(path) / "index.json").is_file():
-        return False
     try:
         meta = read_index_meta(path)
     except IndexError_:

@@ -36,9 +36,10 @@ def keep_freed_memory() -> bool:
     blocks and their gradients, the bank update's rows). By default glibc maps each allocation above a dynamic
     threshold afresh and unmaps it when freed, and trims the heap's top, so every step page-faults its temporaries in
     again: about half a million page faults in 13 quickstart steps. With the mmap threshold fixed at 32 MiB (glibc's
-    maximum) and no trimming, they come from the heap and stay mapped: the faults halve and the quickstart's CPU
-    step is ~8% faster (docs/benchmarks.md). Allocations above 32 MiB (a host-tier bank) are still mapped on their
-    own, and the environment's MALLOC_*_ settings win. Returns whether the settings were applied (glibc only)."""
+    maximum) and no trimming, they come from the heap and stay mapped: the faults halve (docs/benchmarks.md; the
+    step's wall time moved within the noise of the shared host it was measured on). Allocations above 32 MiB (a
+    host-tier bank) are still mapped on their own, and the environment's MALLOC_*_ settings win. Returns whether the
+    settings were applied (glibc only)."""
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
         return False
     try:
