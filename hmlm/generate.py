@@ -18,6 +18,7 @@ text). `stream_text` turns the tokens into text pieces, ending at the first stop
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -72,34 +73,125 @@ def has_cache(anchor: nn.Module) -> bool:
     return callable(getattr(anchor, "new_cache", None))
 
 
+def pads_prompts(anchor: nn.Module) -> bool:
+    """Whether the anchor's cache takes `doc_ids` (padding = -1), so that prompts of different lengths share a batch."""
+    return has_cache(anchor) and bool(getattr(anchor, "cache_doc_ids", False))
+
+
+class RowDecoder:
+    """Decoding several prompts at once: `step()` gives the next token of every live row, `drop(rows)` takes rows
+    that need no more tokens out of the batch (their cache rows and memory rows go, so later steps cost only the live
+    rows; rows are dropped once a quarter of the batch has finished, since each drop copies the caches).
+
+    Prompts of different lengths are left-padded where the anchor's cache takes document ids (`pads_prompts`): the
+    padding has document id -1, so no row attends to it and each row gets the positions it would have alone. Other
+    anchors need prompts of one length. Rows never interact, so a row's greedy tokens are the ones it gets alone, up
+    to the float rounding of a batched matmul. Sampled rows draw from one generator in row order: a seed reproduces
+    the whole batch, not each row alone. Row numbers are the prompts' indices throughout."""
+
+    def __init__(self, anchor: nn.Module, prompts: Sequence[Sequence[int]], *, memory: MemoryContext | None,
+                 sampling: Sampling, use_cache: bool = True):
+        if not prompts:
+            raise ValueError("RowDecoder needs at least one prompt")
+        if any(not p for p in prompts):
+            raise GenerateError("the prompt has no tokens; give some text (or a BOS/prefix token)")
+        self.anchor, self.sampling = anchor, sampling
+        self.cache = anchor.new_cache() if use_cache and has_cache(anchor) else None
+        width = max(len(p) for p in prompts)
+        ragged = any(len(p) != width for p in prompts)
+        if ragged and (self.cache is None or not pads_prompts(anchor)):
+            raise ValueError("generate_rows needs prompts of one length for this anchor (group them by length)")
+        self.device = next(anchor.parameters()).device
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.memory = memory
+        self.n_rows = len(prompts)
+        self.rows = list(range(len(prompts)))            # rows in the batch, in batch order
+        self._finished: set[int] = set()
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        self.ids = ids.to(self.device)                   # every token so far (the uncached loop feeds them all)
+        self.doc_ids: torch.Tensor | None = None
+        if ragged:
+            lengths = torch.tensor([len(p) for p in prompts])
+            self.doc_ids = (torch.arange(width)[None, :] >= width - lengths[:, None]).long().sub(1).clamp_max(0)
+            self.doc_ids = self.doc_ids.to(self.device)  # -1 on the padding, 0 on the prompt
+        self.feed = self.ids
+        self.steps = 0
+
+    def step(self) -> list[int]:
+        """The next token of each row in the batch (`self.rows` order, which only `drop` changes)."""
+        with autocast_for(self.device):
+            if self.cache is not None:
+                doc_ids = self.doc_ids if self.steps == 0 else None   # later tokens continue each row's prompt
+                logits = self.anchor(self.feed, memory=self.memory, cache=self.cache,
+                                     **({"doc_ids": doc_ids} if doc_ids is not None else {}))
+            else:
+                logits = self.anchor(self.feed, memory=self.memory)
+        last = logits[:, -1]
+        if self.sampling.temperature == 0:
+            step = last.argmax(-1)
+        else:
+            step = torch.tensor([next_token(row, self.sampling, self.generator) for row in last], device=self.device)
+        self.ids = torch.cat([self.ids, step[:, None]], dim=1)
+        self.feed = step[:, None] if self.cache is not None else self.ids
+        self.steps += 1
+        return step.tolist()
+
+    def drop(self, rows: Iterable[int]) -> None:
+        """These rows need no more tokens; once a quarter of the batch has finished, they leave it."""
+        self._finished.update(rows)
+        self._compact()
+
+    def finished(self, row: int) -> bool:
+        return row in self._finished
+
+    @property
+    def done(self) -> bool:
+        """Every row has finished."""
+        return len(self._finished) == self.n_rows
+
+    def _compact(self) -> None:
+        done = sum(row in self._finished for row in self.rows)
+        if not done or done * 4 < len(self.rows):
+            return
+        if self.cache is not None and not callable(getattr(self.cache, "select", None)):
+            return   # a cache that cannot drop rows: finished rows are decoded on and ignored
+        keep = [i for i, row in enumerate(self.rows) if row not in self._finished]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:   # every row has finished: the caller stops (a step now would be of no rows)
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.ids, self.feed = self.ids.index_select(0, index), self.feed.index_select(0, index)
+        if self.doc_ids is not None:
+            self.doc_ids = self.doc_ids.index_select(0, index)
+        if self.cache is not None:
+            self.cache = self.cache.select(index)
+        if self.memory is not None:
+            self.memory = select_memory_rows(self.memory, index)
+
+
+def select_memory_rows(memory: MemoryContext, rows: torch.Tensor) -> MemoryContext:
+    """The memory of some rows of a batch. A memory whose tensors all hold one row for every row (broadcast, as the
+    generic block is: eval's `_repeat_memory`) serves any number of rows as it is."""
+    if all(t.shape[0] == 1 or t.stride(0) == 0 for t in memory.tensors.values()):
+        return memory
+    out = copy.copy(memory)
+    out.tensors = {k: t.index_select(0, rows.to(t.device)) for k, t in memory.tensors.items()}
+    out.slots = {name: t.unbind(1) for name, t in out.tensors.items()}
+    return out
+
+
 @torch.no_grad()
 def generate_rows(anchor: nn.Module, prompts: Sequence[Sequence[int]], *, memory: MemoryContext | None,
                   sampling: Sampling, use_cache: bool = True) -> Iterator[list[int]]:
-    """The decoding loop: per step, the next token id of every row, for prompts of one length with `memory` holding
-    one row per prompt (or None); at most `sampling.max_new_tokens` steps, and the caller stops iterating once it has
-    what it needs. Rows never interact (no padding is needed, so no attention mask), so a row's greedy tokens are
-    the ones it gets alone, up to the float rounding of a batched matmul. Sampled rows draw from one generator in
-    row order: a seed reproduces the whole batch, not each row alone."""
-    if not prompts or any(len(p) != len(prompts[0]) for p in prompts):
-        raise ValueError("generate_rows needs prompts of one length (group them by length)")
-    if not prompts[0]:
-        raise GenerateError("the prompt has no tokens; give some text (or a BOS/prefix token)")
-    device = next(anchor.parameters()).device
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = anchor.new_cache() if use_cache and has_cache(anchor) else None
-    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
-    feed = ids
+    """Per step, the next token id of every row (`RowDecoder`, no row dropped), for at most
+    `sampling.max_new_tokens` steps; the caller stops iterating once it has what it needs."""
+    if not prompts:
+        raise ValueError("generate_rows needs at least one prompt")
+    decoder = RowDecoder(anchor, prompts, memory=memory, sampling=sampling, use_cache=use_cache)
     for _ in range(sampling.max_new_tokens):
-        with autocast_for(device):
-            logits = anchor(feed, memory=memory, cache=cache) if cache is not None else anchor(feed, memory=memory)
-        last = logits[:, -1]
-        if sampling.temperature == 0:
-            step = last.argmax(-1)
-        else:
-            step = torch.tensor([next_token(row, sampling, generator) for row in last], device=device)
-        yield step.tolist()
-        ids = torch.cat([ids, step[:, None]], dim=1)
-        feed = step[:, None] if cache is not None else ids
+        yield decoder.step()
 
 
 def generate_ids(anchor: nn.Module, prompt: Sequence[int], *, memory: MemoryContext | None, sampling: Sampling,
@@ -159,21 +251,42 @@ def generate_text(anchor: nn.Module, prompt: Sequence[int], *, memory: MemoryCon
 def generate_texts(anchor: nn.Module, prompts: Sequence[Sequence[int]], *, memory: MemoryContext | None,
                    sampling: Sampling, decode: Callable[[list[int]], str], stops: Sequence[Sequence[str]],
                    eos_id: int | None = None, use_cache: bool = True) -> list[str]:
-    """`generate_text` for several prompts of one length in one batch (one forward per step for all rows; see
-    `generate_rows`), each row with its own stop strings; decoding ends when every row has hit its end of
-    sequence, a stop string or `sampling.max_new_tokens`."""
+    """`generate_text` for several prompts in one batch (one forward per step for all live rows; see `RowDecoder`),
+    each row with its own stop strings. A row leaves the batch when it hits its end of sequence or a stop string;
+    decoding ends when every row has, or after `sampling.max_new_tokens`. Prompts of different lengths share the
+    batch where the anchor pads them (`pads_prompts`); otherwise each length is a batch of its own."""
+    if not prompts:
+        return []
+    if len({len(p) for p in prompts}) > 1 and not (use_cache and pads_prompts(anchor)):
+        out = [""] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(len(p), []).append(i)
+        for idx in groups.values():
+            rows = torch.tensor(idx)
+            texts = generate_texts(anchor, [prompts[i] for i in idx], memory=None if memory is None else
+                                   select_memory_rows(memory, rows), sampling=sampling, decode=decode,
+                                   stops=[stops[i] for i in idx], eos_id=eos_id, use_cache=use_cache)
+            for i, text in zip(idx, texts):
+                out[i] = text
+        return out
     tokens: list[list[int]] = [[] for _ in prompts]
-    live = set(range(len(prompts)))
-    for step in generate_rows(anchor, prompts, memory=memory, sampling=sampling, use_cache=use_cache):
-        for row in sorted(live):
-            if step[row] == eos_id:
-                live.discard(row)
-                continue
-            tokens[row].append(step[row])
-            if any(s and s in decode(tokens[row]) for s in stops[row]):
-                live.discard(row)
-        if not live:
-            break
+    with torch.no_grad():
+        decoder = RowDecoder(anchor, prompts, memory=memory, sampling=sampling, use_cache=use_cache)
+        for _ in range(sampling.max_new_tokens):
+            finished = []
+            for row, tok in zip(decoder.rows, decoder.step()):
+                if decoder.finished(row):   # finished, still in the batch until the next compaction
+                    continue
+                if tok == eos_id:
+                    finished.append(row)
+                    continue
+                tokens[row].append(tok)
+                if any(s and s in decode(tokens[row]) for s in stops[row]):
+                    finished.append(row)
+            decoder.drop(finished)
+            if decoder.done:
+                break
     return ["".join(stream_text(t, decode, stop)) for t, stop in zip(tokens, stops)]
 
 

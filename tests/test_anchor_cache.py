@@ -80,12 +80,31 @@ def test_token_by_token_decoding_with_the_cache_equals_the_full_forward(name):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_cache_refuses_packed_documents_and_repeating_several_rows():
+def test_cached_packed_documents_continue_as_one_forward():
+    # document ids through the cache (what left-padded decoding uses): the logits of a packed sequence computed in
+    # two cached pieces equal one forward over the whole of it, padding (-1) included
+    anchor = _openlm()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=g)
+    doc_ids = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, -1, 2]])
+    whole = anchor(ids, doc_ids=doc_ids)
+    cache = anchor.new_cache()
+    first = anchor(ids[:, :5], doc_ids=doc_ids[:, :5], cache=cache)
+    rest = anchor(ids[:, 5:], doc_ids=doc_ids[:, 5:], cache=cache)
+    real = doc_ids >= 0
+    torch.testing.assert_close(torch.cat([first, rest], 1)[real], whole[real], rtol=1e-5, atol=1e-5)
+    assert cache.doc_ids.tolist() == doc_ids.tolist()
+    # tokens without ids continue each row's last document
+    more = anchor(ids[:, :1], cache=cache)
+    assert cache.doc_ids[:, -1].tolist() == [1, 2] and more.shape == (2, 1, VOCAB)
+    with pytest.raises(ValueError, match="doc_ids shape"):
+        anchor(ids[:, :2], doc_ids=doc_ids[:, :3], cache=cache)
+
+
+def test_cache_refuses_repeating_several_rows():
     anchor = _openlm()
     ids = torch.zeros(2, 4, dtype=torch.long)
     cache = anchor.new_cache()
-    with pytest.raises(ValueError, match="doc_ids"):
-        anchor(ids, doc_ids=torch.zeros_like(ids), cache=cache)
     anchor(ids, cache=cache)
     with pytest.raises(ValueError, match="one row"):
         cache.repeat(3)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmlm.generate import (GenerateError, Sampling, generate_ids, generate_rows, generate_text, generate_texts,
-                           sampling_from, stream_text)
+from hmlm.generate import (GenerateError, RowDecoder, Sampling, generate_ids, generate_rows, generate_text,
+                           generate_texts, pads_prompts, sampling_from, stream_text)
 
 from test_anchor_cache import ANCHORS, VOCAB, _with_memory
 
@@ -44,8 +44,53 @@ def test_a_batch_of_prompts_decodes_each_row_as_alone(name, kind):
         assert list(batched[row]) == alone
     for use_cache in (True, False):   # the uncached loop runs the same batch
         assert list(zip(*generate_rows(anchor, prompts, memory=memory, sampling=s, use_cache=use_cache))) == batched
-    with pytest.raises(ValueError, match="one length"):
-        next(generate_rows(anchor, [[1, 2], [3]], memory=None, sampling=s))
+    if not pads_prompts(anchor):   # hf: no document ids in its cache, so no left padding
+        with pytest.raises(ValueError, match="one length"):
+            next(generate_rows(anchor, [[1, 2], [3]], memory=None, sampling=s))
+
+
+@pytest.mark.parametrize("kind", ["ffn", "kv", None])
+@pytest.mark.parametrize("sampling", SAMPLINGS[:1], ids=["greedy"])
+def test_prompts_of_different_lengths_decode_left_padded_as_alone(kind, sampling):
+    # openlm's cache takes document ids: one batch of ragged prompts, padding masked out, each row at its own
+    # positions, gives every row the tokens it gets alone
+    anchor = ANCHORS["openlm"]()
+    assert pads_prompts(anchor)
+    model = _with_memory(anchor, kind) if kind else None
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (7, 2, 5, 1, 7)]
+    paths = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 1], [0, 0]])
+    memory = model.memory_context(paths, "fetched") if kind else None
+    batched = list(zip(*generate_rows(anchor, prompts, memory=memory, sampling=sampling)))
+    for row, prompt in enumerate(prompts):
+        alone = list(generate_ids(anchor, prompt, memory=model.memory_context(paths[row:row + 1], "fetched")
+                                  if kind else None, sampling=sampling))
+        assert list(batched[row]) == alone, row
+
+
+def test_rows_leave_the_batch_when_they_finish():
+    # RowDecoder drops finished rows from the cache and the memory once a quarter of the batch is done; the rows
+    # that stay decode on as before
+    anchor = ANCHORS["openlm"]()
+    model = _with_memory(anchor, "ffn")
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 6, 4, 6, 2, 5, 3, 4)]
+    paths = torch.tensor([[i % 2, (i // 2) % 2] for i in range(len(prompts))])
+    s = Sampling(max_new_tokens=8)
+    full = list(zip(*generate_rows(anchor, prompts, memory=model.memory_context(paths, "fetched"), sampling=s)))
+    decoder = RowDecoder(anchor, prompts, memory=model.memory_context(paths, "fetched"), sampling=s)
+    got: dict[int, list[int]] = {row: [] for row in range(len(prompts))}
+    widths = []
+    for step in range(s.max_new_tokens):
+        for row, tok in zip(decoder.rows, decoder.step()):
+            if not decoder.finished(row):
+                got[row].append(tok)
+        decoder.drop([row for row in decoder.rows if len(got[row]) >= 2 + row])   # row r wants 2 + r tokens
+        widths.append(len(decoder.rows))
+        assert decoder.memory.tensors["w1"].shape[0] == len(decoder.rows)
+    assert widths[0] == len(prompts) and widths[-1] < len(prompts) // 2
+    for row in range(len(prompts)):
+        assert got[row] == list(full[row][:min(2 + row, s.max_new_tokens)]), row
 
 
 def test_batched_texts_stop_per_row_as_generate_text_does():

@@ -191,11 +191,13 @@ def document_block_mask(doc_ids: torch.Tensor) -> Any:
 
 
 class KVCache:
-    """Per layer, the keys (after QK-norm and RoPE) and values [B, H, T, dh] of the positions seen so far."""
+    """Per layer, the keys (after QK-norm and RoPE) and values [B, H, T, dh] of the positions seen so far, and, once a
+    forward passed `doc_ids`, the document id of every cached position ([B, T]; -1 = padding)."""
 
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.doc_ids: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -218,7 +220,35 @@ class KVCache:
         out = KVCache()
         out.keys = [k.expand(n, -1, -1, -1) for k in self.keys]
         out.values = [v.expand(n, -1, -1, -1) for v in self.values]
+        out.doc_ids = None if self.doc_ids is None else self.doc_ids.expand(n, -1)
         return out
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A cache of only these rows (a decoder drops the rows that have finished)."""
+        out = KVCache()
+        out.keys = [k.index_select(0, rows) for k in self.keys]
+        out.values = [v.index_select(0, rows) for v in self.values]
+        out.doc_ids = None if self.doc_ids is None else self.doc_ids.index_select(0, rows)
+        return out
+
+
+def cached_document_mask(cache: KVCache, doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, 1, T, past + T], positions [B, T]) of T new tokens with `doc_ids` [B, T] continuing `cache`, by
+    `document_mask`'s rule over the cached and the new positions; the new ids are appended to `cache.doc_ids`.
+    Cached positions from forwards without doc ids count as document 0. This is what lets a decoder left-pad prompts
+    of different lengths (padding = -1): each row gets the positions and the attention it would have alone."""
+    B, T = doc_ids.shape
+    past = cache.length
+    if cache.doc_ids is None:
+        cache.doc_ids = torch.zeros(B, past, dtype=torch.long, device=doc_ids.device)
+    all_docs = torch.cat([cache.doc_ids, doc_ids.to(torch.long)], dim=1)             # [B, past + T]
+    q_idx = torch.arange(past, past + T, device=doc_ids.device)
+    k_idx = torch.arange(past + T, device=doc_ids.device)
+    causal = k_idx[None, :] <= q_idx[:, None]                                        # [T, past + T]
+    same = (doc_ids[:, :, None] == all_docs[:, None, :]) & (doc_ids[:, :, None] >= 0)
+    mask = (same & causal) | (k_idx[None, :] == q_idx[:, None])
+    cache.doc_ids = all_docs
+    return mask.unsqueeze(1), document_positions(all_docs)[:, past:]
 
 
 class Attention(nn.Module):
@@ -331,6 +361,7 @@ class OpenLMAnchor(nn.Module):
     """The anchor LM. forward(input_ids [B,T], *, memory=None, doc_ids=None, cache=None) -> logits [B,T,V]."""
 
     concurrent_forward = True   # memory and cache come as arguments: two threads may run forward at once
+    cache_doc_ids = True        # forward(..., doc_ids=, cache=): prompts of different lengths decode left-padded
 
     def __init__(self, config: OpenLMConfig):
         super().__init__()
@@ -402,10 +433,14 @@ class OpenLMAnchor(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         past = 0 if cache is None else cache.length
-        if cache is not None and doc_ids is not None:
-            raise ValueError("doc_ids (packed documents) and cache= cannot be combined")
         mask: Any
-        if doc_ids is None:
+        if cache is not None and (doc_ids is not None or cache.doc_ids is not None):
+            if doc_ids is None:   # new tokens continue each row's last document (a decoder's next token)
+                doc_ids = cache.doc_ids[:, -1:].expand(B, T)
+            elif doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {(B, T)}")
+            mask, positions = cached_document_mask(cache, doc_ids.to(input_ids.device))
+        elif doc_ids is None:
             # causal over the cached positions and the new ones; None lets SDPA use its own causal kernel
             mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool,
                                                      device=input_ids.device).tril(past)

@@ -10,7 +10,8 @@ Every request is routed through the model's own tree before it is scored, with t
     rolling ppl       the full document
     generation        the prompt; the memory is fetched once per request and kept for every generated token
 
-Scored requests are batched longest first (little padding); generation batches prompts of one length in path order.
+Scored requests are batched longest first (little padding); generation batches prompts of one token budget sorted by
+length (left-padded where the anchor's cache allows it), and a row leaves its batch once it has hit a stop string.
 Requests that share their context tokens and path (the choices of a multiple-choice question) are scored from one
 cached forward of that context: with an anchor that offers a key/value cache (`new_cache()`, as openlm and hf do) the
 context runs once and only each choice's own tokens run per choice.
@@ -289,7 +290,7 @@ class HMLMEvalLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding (hmlm.generate, on the anchor's key/value cache) with the memory fetched once per request
-        from the prompt's path, batched over requests whose prompts have one length."""
+        from the prompt's path, batched over requests of one token budget."""
         contexts, stops, limits = [], [], []
         for req in requests:
             context, kwargs = _args(req)
@@ -304,12 +305,12 @@ class HMLMEvalLM(TemplateLM):
         prompts = [fit_prompt(self.tok_encode(c), self.max_length, n) or [self.prefix_token_id]
                    for c, n in zip(contexts, limits)]
         out = [""] * len(requests)
-        # one batch decodes prompts of one length and token budget (no padding: hmlm.generate.generate_rows), in
-        # path order, so rows on one path sit together
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in sorted(range(len(prompts)), key=lambda i: (tuple(paths[i].tolist()), i)):
-            groups.setdefault((len(prompts[i]), max(0, limits[i])), []).append(i)
-        for (_, limit), members in groups.items():
+        # a batch decodes prompts of one token budget, sorted by length: the anchor left-pads a batch's shorter prompts
+        # (hmlm.generate.RowDecoder), or decodes each length apart where it cannot
+        groups: dict[int, list[int]] = {}
+        for i in sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), tuple(paths[i].tolist()), i)):
+            groups.setdefault(max(0, limits[i]), []).append(i)
+        for limit, members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 idx = members[start:start + self.batch_size]
                 memory = self._memory_of(paths[idx])
