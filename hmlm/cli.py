@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated modes: fetched, generic, none, blocked:<level>:<node> (default: "
                         "fetched,generic,none)")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="requests per batch of the tasks (default 128, fewer where one row's fetched memory is large; "
+                        "held-out perplexity runs at the recipe's trainer.batch_size, as fit's own measurement does)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=None, help="output folder (default: <first model dir>/../eval)")
     p.add_argument("--buckets", default="0,1,10,100,1000", help="lower edges of the frequency buckets")
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="task folder (default: evals/tasks)")
     p.add_argument("--max-gen-toks", type=int, default=32)
     p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity per leaf")
+    p.add_argument("--recompute-perplexity", action="store_true",
+                   help="measure held-out perplexity even where the model directory holds fit's measurement of the "
+                        "same files at the same settings (heldout_nll.json)")
     p.add_argument("--no-verify", action="store_true",
                    help="load model directories whose model.json has no checksums (files are not verified)")
     p.add_argument("--embedder-path", default=None, metavar="DIR",

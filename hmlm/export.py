@@ -131,8 +131,10 @@ class LoadedModel:
     _embedder: Any = None
     _embedded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     # `hmlm eval` embeds retrieval keys on a second thread while the tasks run (hmlm.eval.lane): one embedder call at
-    # a time, so a key asked for on both threads is embedded once, by whichever comes first
+    # a time, so a key asked for on both threads is embedded once, by whichever comes first; a call whose keys are all
+    # embedded already never waits for the other thread's embedder call (only for the table, _table_lock)
     _embed_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _table_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def embedder(self):
@@ -169,15 +171,25 @@ class LoadedModel:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings [N, dim] of texts; each distinct text is embedded once per loaded model (evaluation routes
         the same keys under several memory modes, tasks and training-time evaluations)."""
-        with self._embed_lock:
-            new = [t for t in dict.fromkeys(texts) if t not in self._embedded]
-            if new:
-                if len(self._embedded) + len(new) > EMBED_CACHE_SIZE:
-                    self._embedded.clear()
-                self._embedded.update(zip(new, self.embedder.embed(new).astype(np.float32)))
-            if not texts:
-                return np.zeros((0, self.embedder.dim), dtype=np.float32)
-            return np.stack([self._embedded[t] for t in texts])
+        def missing() -> list[str]:
+            with self._table_lock:
+                return [t for t in dict.fromkeys(texts) if t not in self._embedded]
+
+        while True:
+            if missing():
+                with self._embed_lock:
+                    new = missing()   # the other thread may have embedded them while this one waited
+                    if new:
+                        vectors = self.embedder.embed(new).astype(np.float32)
+                        with self._table_lock:
+                            if len(self._embedded) + len(new) > EMBED_CACHE_SIZE:
+                                self._embedded.clear()
+                            self._embedded.update(zip(new, vectors))
+            with self._table_lock:
+                if not texts:
+                    return np.zeros((0, self.embedder.dim), dtype=np.float32)
+                if all(t in self._embedded for t in texts):   # else cleared by the other thread: embed again
+                    return np.stack([self._embedded[t] for t in texts])
 
     def load_embedder(self) -> None:
         """Build the router's embedder and load its weights now (an embedder that loads lazily offers `load()`), so

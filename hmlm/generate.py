@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .loss import has_fused_head
 from .protocols import MemoryContext
 
 
@@ -71,6 +73,15 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 def has_cache(anchor: nn.Module) -> bool:
     return callable(getattr(anchor, "new_cache", None))
+
+
+def last_logits(anchor: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The logits [B, V] of each row's last position. With an anchor that exposes `hidden_states` and
+    `output_weight` (openlm; hmlm.loss fuses the same pair) only that position goes through the vocabulary-wide head:
+    a prompt's other positions never do (half the head's work in lm-eval's short generations)."""
+    if has_fused_head(anchor):
+        return F.linear(anchor.hidden_states(ids, **kwargs)[:, -1], anchor.output_weight())
+    return anchor(ids, **kwargs)[:, -1]
 
 
 def pads_prompts(anchor: nn.Module) -> bool:
@@ -124,11 +135,10 @@ class RowDecoder:
         with autocast_for(self.device):
             if self.cache is not None:
                 doc_ids = self.doc_ids if self.steps == 0 else None   # later tokens continue each row's prompt
-                logits = self.anchor(self.feed, memory=self.memory, cache=self.cache,
-                                     **({"doc_ids": doc_ids} if doc_ids is not None else {}))
+                last = last_logits(self.anchor, self.feed, memory=self.memory, cache=self.cache,
+                                   **({"doc_ids": doc_ids} if doc_ids is not None else {}))
             else:
-                logits = self.anchor(self.feed, memory=self.memory)
-        last = logits[:, -1]
+                last = last_logits(self.anchor, self.feed, memory=self.memory)
         if self.sampling.temperature == 0:
             step = last.argmax(-1)
         else:

@@ -105,7 +105,10 @@ class Anchor(Protocol):
 
     Optionally an anchor offers a key/value cache: `new_cache()` returns an object with `length` and `repeat(n)`,
     and `forward(..., cache=c)` lets the new tokens attend to every cached position, then appends them to `c`
-    (see hmlm.anchors.openlm.KVCache). Callers test for `new_cache` and fall back to full forwards without it.
+    (see hmlm.anchors.openlm.KVCache). Callers test for `new_cache` and fall back to full forwards without it. A cache
+    with `select(rows)` (a cache of those batch rows) lets a decoder drop finished rows; an anchor that sets the class
+    attribute `cache_doc_ids = True` takes `doc_ids` together with `cache=` (padding = -1; tokens without ids continue
+    each row's last document), so prompts of different lengths decode left-padded in one batch (hmlm.generate).
 
     An anchor whose forward keeps no state on the module between calls (memory and cache only as arguments) may set
     the class attribute `concurrent_forward = True`: `hmlm eval` then runs the held-out perplexity on a second thread

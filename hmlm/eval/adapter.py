@@ -38,14 +38,17 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from . import EvalError, quiet, templates
+from . import DEFAULT_BATCH_SIZE, EvalError, quiet, templates  # noqa: F401  (DEFAULT_BATCH_SIZE re-exported)
+from .lane import torch_threads
 from .memory_spec import MemorySpec, parse_memory  # noqa: F401  (re-exported: hmlm.eval.adapter.parse_memory)
 from ..export import LoadedModel, load_model_dir
 from ..generate import Sampling, autocast_for, fit_prompt, generate_texts
 from ..loss import has_fused_head
 from ..protocols import MemoryContext
 
-DEFAULT_BATCH_SIZE = 32
+# a batch holds at most this much fetched memory (rows x one row's blocks): the default batch of a paper-sized memory
+# would otherwise gather gigabytes per batch (a row of the quickstart's memory is 0.7 MB)
+MEMORY_BYTES_PER_BATCH = 1 << 30
 
 quiet.install()       # no "fatal: not a git repository" from lm-eval's simple_evaluate
 templates.install()   # lm-eval's prompt templates compiled once, not per document
@@ -91,12 +94,13 @@ def _args(req: Any) -> tuple:
 
 @register_model("hmlm")
 class HMLMEvalLM(TemplateLM):
-    """lm-eval model `hmlm`: `--model_args path=DIR,memory=fetched[,batch_size=32,device=cpu,max_gen_toks=32]`."""
+    """lm-eval model `hmlm`: `--model_args path=DIR,memory=fetched[,batch_size=128,device=cpu,max_gen_toks=32]`."""
 
     def __init__(self, path: str | None = None, memory: str = "fetched", batch_size: int | str | None = None,
                  device: str | None = None, max_gen_toks: int = 32, max_length: int | None = None,
                  verify: bool | str = True, loaded: LoadedModel | None = None, max_batch_size: int | None = None,
-                 embed_ahead: Callable[[list[str]], Any] | None = None, **unknown: Any):
+                 embed_ahead: Callable[[list[str]], Any] | None = None,
+                 batch_threads: Callable[[], int | None] | None = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise EvalError(f"hmlm model_args: unknown argument(s) {', '.join(sorted(unknown))}; known: path, "
@@ -132,6 +136,10 @@ class HMLMEvalLM(TemplateLM):
         # a mode that routes nothing hands its retrieval keys to this (hmlm eval: embedded on its second thread for
         # the routing modes that follow; lm-eval builds the same requests for every mode)
         self.embed_ahead = embed_ahead
+        # asked before each batch: the torch threads to run it on (None: unchanged); hmlm eval answers one while its
+        # second thread has work and all of them once it has none (hmlm.eval.lane)
+        self.batch_threads = batch_threads
+        self._rows_per_batch: int | None = None
 
     # ---- lm-eval plumbing ------------------------------------------------------------------------
 
@@ -166,6 +174,22 @@ class HMLMEvalLM(TemplateLM):
 
     def _autocast(self):
         return autocast_for(self._device)
+
+    @property
+    def rows_per_batch(self) -> int:
+        """batch_size, or fewer where that many rows of fetched memory would hold more than MEMORY_BYTES_PER_BATCH."""
+        if self._rows_per_batch is None:
+            rows = self.batch_size
+            if self.memory.model_mode == "fetched":   # generic and none have no memory per row
+                one = self.model.memory_context(torch.zeros(1, self.levels, dtype=torch.long, device=self._device),
+                                                "fetched")
+                row_bytes = sum(t.numel() * t.element_size() for t in one.tensors.values()) if one else 0
+                rows = max(1, min(rows, MEMORY_BYTES_PER_BATCH // max(row_bytes, 1)))
+            self._rows_per_batch = rows
+        return self._rows_per_batch
+
+    def _threads(self):
+        return torch_threads(self.batch_threads() if self.batch_threads is not None else None)
 
     def _memory_of(self, paths: torch.Tensor) -> MemoryContext | None:
         """The memory of a batch's rows. Under `generic` every row has the same block: it is fetched once and viewed
@@ -215,14 +239,14 @@ class HMLMEvalLM(TemplateLM):
         # batch of mixed lengths pays for its padding (the fetched last-word items: 1.4x the time in path order)
         order = sorted(single, key=lambda i: (-len(seqs[i][0]), i))
         pad = self.tokenizer_.pad_id
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for start in range(0, len(order), self.rows_per_batch):
+            idx = order[start:start + self.rows_per_batch]
             width = max(len(seqs[i][0]) - 1 for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             for row, i in enumerate(idx):
                 inp = seqs[i][0][:-1]
                 ids[row, :len(inp)] = torch.tensor(inp)
-            with self._autocast():   # the memory is fetched in autocast's dtype, as training fetched it
+            with self._threads(), self._autocast():   # the memory is fetched in autocast's dtype, as training was
                 memory = self._memory_of(paths[idx])
                 states, head = _positions(self.model.anchor, ids.to(self._device), memory=memory)
                 for row, i in enumerate(idx):
@@ -262,7 +286,7 @@ class HMLMEvalLM(TemplateLM):
             ids = torch.full((len(idx), max(map(len, tails))), pad, dtype=torch.long)
             for row, tail in enumerate(tails):
                 ids[row, :len(tail)] = torch.tensor(tail)
-            with self._autocast():
+            with self._threads(), self._autocast():
                 states, head = _positions(anchor, ids.to(self._device), memory=_repeat_memory(memory, len(idx)),
                                           cache=cache.repeat(len(idx)))
                 for row, i in enumerate(idx):
@@ -311,12 +335,13 @@ class HMLMEvalLM(TemplateLM):
         for i in sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), tuple(paths[i].tolist()), i)):
             groups.setdefault(max(0, limits[i]), []).append(i)
         for limit, members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                idx = members[start:start + self.batch_size]
-                memory = self._memory_of(paths[idx])
-                texts = generate_texts(self.model.anchor, [prompts[i] for i in idx], memory=memory,
-                                       sampling=Sampling(max_new_tokens=limit), decode=self.tok_decode,
-                                       stops=[stops[i] for i in idx], eos_id=self.tokenizer_.eos_id)
+            for start in range(0, len(members), self.rows_per_batch):
+                idx = members[start:start + self.rows_per_batch]
+                with self._threads():
+                    memory = self._memory_of(paths[idx])
+                    texts = generate_texts(self.model.anchor, [prompts[i] for i in idx], memory=memory,
+                                           sampling=Sampling(max_new_tokens=limit), decode=self.tok_decode,
+                                           stops=[stops[i] for i in idx], eos_id=self.tokenizer_.eos_id)
                 for i, text in zip(idx, texts):
                     out[i] = text
         return out

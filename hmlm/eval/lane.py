@@ -16,7 +16,23 @@ import itertools
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """This thread's torch thread count set to n (None: unchanged) for the block."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None and n != before:
+            torch.set_num_threads(before)
 
 
 class Lane:
@@ -43,6 +59,11 @@ class Lane:
         """Jobs queued or running."""
         with self._lock:
             return self._pending > 0
+
+    def threads_beside(self) -> int | None:
+        """The torch threads for a batch on the caller's thread now: one while the lane has work (each stream its own
+        core), else None (unchanged: every core for the caller)."""
+        return 1 if self.busy else None
 
     def close(self) -> None:
         self._jobs.put((float("inf"), next(self._seq), None, None, (), {}))

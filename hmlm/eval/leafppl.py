@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from ..data.packing import SequenceShards
-from .perplexity import leaf_nll
+from .perplexity import leaf_nll, perplexities
 
 
 def _human(n: int) -> str:
@@ -61,5 +61,4 @@ def leaf_perplexity(index_dir: Path, count: dict[int, int], nll: dict[str, dict[
     bin_rows = [{"bin": label, "train_tokens_min": int(np.min([train_tokens[x] for x in leaves])),
                  "leaves": len(leaves), "tokens": sum(count[x] for x in leaves),
                  "ppl": {m: ppl(m, leaves) for m in modes}} for label, leaves in bins.items()]
-    overall = {m: math.exp(sum(nll[m].values()) / total) for m in modes}
-    return {"split": split, "tokens": total, "overall": overall, "bins": bin_rows, "leaves": leaf_rows}
+    return {"split": split, "tokens": total, "overall": perplexities(count, nll), "bins": bin_rows, "leaves": leaf_rows}

@@ -88,10 +88,15 @@ def leaf_nll(loaded, index_dir: Path, *, modes: Sequence[str], batch_size: int =
     return count, nll
 
 
+def perplexities(count: dict[int, int], nll: dict[str, dict[int, float]]) -> dict[str, float]:
+    """{mode: perplexity} over all leaves from leaf_nll's (tokens per leaf, {mode: summed NLL per leaf})."""
+    total = max(sum(count.values()), 1)
+    return {m: math.exp(sum(per_leaf.values()) / total) for m, per_leaf in nll.items()}
+
+
 def heldout_perplexity(loaded, index_dir: Path, *, batch_size: int = 16, modes: Sequence[str] | None = None,
                        split: str = "val", progress: bool = False, doc_mask: bool | None = None) -> dict[str, float]:
     modes = list(modes or available_modes(loaded))
     count, nll = leaf_nll(loaded, index_dir, modes=modes, batch_size=batch_size, split=split, progress=progress,
                           doc_mask=doc_mask)
-    total = max(sum(count.values()), 1)
-    return {m: math.exp(sum(nll[m].values()) / total) for m in modes}
+    return perplexities(count, nll)

@@ -14,17 +14,17 @@ import logging
 import os
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from . import EvalError, quiet
+from . import DEFAULT_BATCH_SIZE, EvalError, quiet
 from .buckets import DEFAULT_EDGES, FrequencyCounter, bucket_labels, bucket_of
 from .entities import EntityItem, EntitySpec
+from .heldout_record import RECORD_FILE
 from .tasks import DEFAULT_TASKS, ensure_task_dir
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class EvalOptions:
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     memory: list[str] = field(default_factory=lambda: ["fetched", "generic", "none"])
     limit: int | None = None
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     device: str | None = None
     out: str | None = None
     edges: tuple[int, ...] = DEFAULT_EDGES
@@ -52,6 +52,7 @@ class EvalOptions:
     bucket_source: str = "auto"
     ambiguous: tuple[str, ...] = ()
     perplexity: bool = True
+    recompute_perplexity: bool = False   # measure it even where the model dir records the same measurement
     max_gen_toks: int = 32
     embedder_path: str | None = None   # route with this embedder copy ("package": the pip package) instead of
                                        # the one each model's recipe names (hmlm.export.load_model_dir)
@@ -76,9 +77,35 @@ def load_tasks(manager, tasks: Sequence[str]) -> dict:
     """lm-eval's task dict ({"tasks": {name: Task}, "groups": ...}) for names, tags or groups; loaded once and
     evaluated for every model and memory mode."""
     try:
-        return manager.load(list(tasks))
+        task_dict = manager.load(list(tasks))
     except KeyError as exc:
         raise EvalError(f"--tasks: unknown task {exc}; hmlm tasks are in {ensure_task_dir()}") from None
+    for task in task_dict["tasks"].values():
+        _docs_in_memory(task)
+    return task_dict
+
+
+class DocList(list):
+    """A split's documents as plain dicts, with the `features` of the `datasets.Dataset` they came from."""
+
+    def __init__(self, dataset: Any):
+        super().__init__(dataset)
+        self.features = dataset.features
+
+
+def _docs_in_memory(task: Any) -> None:
+    """The task's splits as lists of the same dicts. lm-eval reads a task's documents from its `datasets.Dataset` in
+    every evaluation, which formats each row out of Arrow again (~0.3 s per memory mode for the default tasks); a
+    task evaluated under several memory modes reads them from memory instead. A task that post-processes its
+    documents (`process_docs`, which may use the Dataset API) or whose splits are not Datasets is left as it is."""
+    import datasets
+
+    config = getattr(task, "config", None)
+    splits = getattr(task, "dataset", None)
+    if config is None or getattr(config, "process_docs", None) is not None or \
+            not isinstance(splits, datasets.DatasetDict):
+        return
+    task.dataset = {name: DocList(split) for name, split in splits.items()}
 
 
 def run_tasks(lm, task_dict: dict, *, limit: int | None = None, samples: dict[str, list[int]] | None = None) -> dict:
@@ -128,15 +155,16 @@ def _knowledge(task: str, config: dict) -> str | None:
 
 
 def evaluate_modes(loaded, task_dict: dict, modes: Sequence[str], *, limit: int | None = None,
-                   batch_size: int = 32, counter: FrequencyCounter | None = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, counter: FrequencyCounter | None = None,
                    edges: Sequence[int] = DEFAULT_EDGES, max_gen_toks: int = 32,
-                   lane: "Lane | None" = None) -> dict[str, dict]:
+                   lane: "Lane | None" = None, after_keys: Callable[[], Any] | None = None) -> dict[str, dict]:
     """{mode: {task: result}} for one loaded model; the core shared by `hmlm eval` and the training callback.
     A result has the task's CK/SK group, its accuracy metric, n, per-bucket accuracy and one row per item.
 
     Modes that route nothing (none, generic) run first; given a `lane` (hmlm.eval.lane), the first of them hands
     its retrieval keys to it, so they are embedded there while that mode and the next run here, and the routing
-    modes find them embedded. The caller's thread runs on one torch thread while the lane has work.
+    modes find them embedded, and `after_keys` (if given) is queued behind them. Each batch on the caller's thread
+    runs on one torch thread while the lane has work, on all of them once it has none (`Lane.threads_beside`).
     Every mode's results are the same in any order (each lm-eval run is seeded alike)."""
     from .adapter import HMLMEvalLM
     from .memory_spec import parse_memory
@@ -150,13 +178,15 @@ def evaluate_modes(loaded, task_dict: dict, modes: Sequence[str], *, limit: int 
 
     def embed_ahead(keys: list[str]) -> None:
         keys_embedded.append(lane.submit(KEYS_PRIORITY, loaded.embed, keys))
+        if after_keys is not None and len(keys_embedded) == 1:
+            keys_embedded.append(lane.submit(AFTER_KEYS_PRIORITY, after_keys))
 
     raw = {}
     for mode in order:
         lm = HMLMEvalLM(loaded=loaded, memory=mode, batch_size=batch_size, max_gen_toks=max_gen_toks,
-                        embed_ahead=embed_ahead if mode == ahead else None)
-        with torch_threads(1 if lane is not None and lane.busy else None):
-            raw[mode] = run_tasks(lm, task_dict, limit=limit)
+                        embed_ahead=embed_ahead if mode == ahead else None,
+                        batch_threads=lane.threads_beside if lane is not None else None)
+        raw[mode] = run_tasks(lm, task_dict, limit=limit)
     for future in keys_embedded:
         future.result()
     raw = {mode: raw[mode] for mode in modes}
@@ -171,22 +201,8 @@ def evaluate_modes(loaded, task_dict: dict, modes: Sequence[str], *, limit: int 
             for mode, res in raw.items()}
 
 
-KEYS_PRIORITY, PERPLEXITY_PRIORITY = 0, 1   # on the lane, keys (a routing mode waits for them) before perplexity
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """This thread's torch thread count set to n (None: unchanged) for the block."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n is not None:
-            torch.set_num_threads(before)
+# on the lane, keys (a routing mode waits for them) before perplexity, and both before what only the report needs
+KEYS_PRIORITY, PERPLEXITY_PRIORITY, AFTER_KEYS_PRIORITY = 0, 1, 2
 
 
 def _task_result(task: str, res: dict, items: dict[int, EntityItem] | None, counter: FrequencyCounter | None,
@@ -244,11 +260,7 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     """Evaluate every model x memory mode, print the tables, write report.json and the plots; return the report."""
     from ..export import load_model_dir
-    from .adapter import parse_memory   # the adapter's import also quiets lm-eval's task loading (hmlm.eval.quiet)
     from .lane import Lane
-    from .leafppl import leaf_perplexity
-    from .modeldata import EvalData
-    from .perplexity import available_modes, leaf_nll
 
     console = console or Console()
     if not console.is_terminal and console.width < 160:
@@ -260,67 +272,113 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
         raise EvalError("hmlm eval: --tasks is empty")
     paths = [Path(m) for m in opts.models]
     out_dir = Path(opts.out) if opts.out else paths[0].resolve().parent / "eval"
-    task_dict = load_tasks(task_manager(opts.tasks, opts.include_path), opts.tasks)
     device = opts.device or ("cuda" if _cuda() else "cpu")
     report: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "options": asdict(opts),
                               "buckets": bucket_labels(opts.edges), "models": []}
-    for path, label in zip(paths, _labels(paths)):
-        loaded = load_model_dir(path, device=device, embedder_path=opts.embedder_path, verify=opts.verify)
-        rc = loaded.recipe.index.router
-        have = set(available_modes(loaded))
-        modes, skipped = [], {}
-        for m in opts.memory:
-            spec = parse_memory(m, levels=rc.levels, branching=rc.branching)
-            if spec.model_mode not in have:
-                skipped[m] = ("no memory bank" if loaded.model.store is None
-                              else "trained without a generic block")
-            else:
-                modes.append(m)
-        data = EvalData.of(loaded)
-        counter = FrequencyCounter.for_model(data, source=opts.bucket_source, ambiguous=opts.ambiguous)
-        console.print(f"[bold]eval[/] {label} ({path}): memory {', '.join(modes) or '-'} on "
-                      f"{', '.join(opts.tasks)}" + (f" (skipped: {skipped})" if skipped else ""))
-        # two streams of work (hmlm.eval.lane): lm-eval's loop of every mode on this thread; on the lane, the router's
-        # embedder load, the retrieval keys' embeddings (handed over by the first mode that routes nothing) and the
-        # held-out perplexity of each mode (large kernels, no routing: the index stores each sequence's path)
-        lane = Lane(threads=1)
-        try:
-            side = []
-            if any(parse_memory(m, levels=rc.levels, branching=rc.branching).needs_routing for m in modes):
-                side.append(lane.submit(KEYS_PRIORITY, loaded.load_embedder))
-            ppl_modes = [m for m in modes if m in have] if opts.perplexity and data.heldout is not None else []
-            if getattr(loaded.model.anchor, "concurrent_forward", False):
-                nll_jobs = [lane.submit(PERPLEXITY_PRIORITY, leaf_nll, loaded, data.heldout, modes=[m],
-                                        batch_size=opts.batch_size) for m in ppl_modes]
-            else:   # an anchor that keeps state on the module between calls runs one forward at a time (protocols)
-                nll_jobs = [_done(leaf_nll(loaded, data.heldout, modes=ppl_modes, batch_size=opts.batch_size))] \
-                    if ppl_modes else []
-            results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
-                                     counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks, lane=lane)
-            for future in side:
-                future.result()   # its error, if any, is raised here
-            perplexity = None
-            if nll_jobs:
-                count, nll = {}, {}
-                for job in nll_jobs:
-                    count, per_mode = job.result()
-                    nll.update(per_mode)
-                perplexity = leaf_perplexity(data.heldout, count, nll)
-        finally:
-            lane.close()
-        entry: dict[str, Any] = {"label": label, "path": str(path), "skipped": skipped,
-                                 "modes": {m: {"tasks": r, "averages": averages(r)} for m, r in results.items()}}
-        if perplexity is not None:
-            entry["perplexity"] = perplexity
-        entry["notes"] = [n for n in (data.heldout_missing if opts.perplexity else None, data.mentions_missing) if n]
-        for note in entry["notes"]:   # once per model, with what it costs
-            console.print(f"[yellow]warning[/] {label}: {note}", highlight=False)
-        report["models"].append(entry)
+    # two streams of work (hmlm.eval.lane): lm-eval's loop of every mode on this thread; on the lane, the first model's
+    # load (while lm-eval is imported here), the router's embedder load, the retrieval keys' embeddings (handed over
+    # by the first mode that routes nothing) and the held-out perplexity of each mode (large kernels, no routing: the
+    # index stores each sequence's path)
+    lane = Lane(threads=1)
+    try:
+        def load(path: Path):
+            return load_model_dir(path, device=device, embedder_path=opts.embedder_path, verify=opts.verify)
+
+        first = lane.submit(KEYS_PRIORITY, load, paths[0])
+        from .adapter import parse_memory   # the adapter's import also quiets lm-eval's task loading (hmlm.eval.quiet)
+
+        task_dict = load_tasks(task_manager(opts.tasks, opts.include_path), opts.tasks)
+        for i, (path, label) in enumerate(zip(paths, _labels(paths))):
+            loaded = first.result() if i == 0 else load(path)
+            report["models"].append(_eval_model(loaded, path, label, task_dict, opts, lane, console, parse_memory))
+    finally:
+        lane.close()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["files"] = write_report(report, out_dir)
     print_report(report, console)
     console.print(f"[bold]eval[/] wrote {', '.join(report['files'].values())} ({report['seconds']} s)")
     return report
+
+
+def _recorded_perplexity(loaded, data, opts: EvalOptions, modes: Sequence[str], batch_size: int):
+    """fit's held-out measurement of this model directory (hmlm.eval.heldout_record) when it is exactly the one this
+    eval would make: same weight and shard files (verified on load), device, batch size and versions; else None."""
+    from .heldout_record import measurement_key, read_record
+
+    if not modes or not opts.verify or opts.recompute_perplexity or data.heldout != Path(loaded.path):
+        return None
+    key = measurement_key(loaded.meta, device=loaded.device, batch_size=batch_size,
+                          doc_mask=loaded.recipe.data.doc_mask)
+    return read_record(loaded.path, key, modes)
+
+
+def _eval_model(loaded, path: Path, label: str, task_dict: dict, opts: EvalOptions, lane: "Lane", console: Console,
+                parse_memory) -> dict[str, Any]:
+    """One model's report entry: every memory mode on the tasks, its held-out perplexity, what its directory lacks."""
+    from .leafppl import leaf_perplexity
+    from .modeldata import EvalData
+    from .perplexity import available_modes, leaf_nll
+
+    rc = loaded.recipe.index.router
+    have = set(available_modes(loaded))
+    modes, skipped = [], {}
+    for m in opts.memory:
+        spec = parse_memory(m, levels=rc.levels, branching=rc.branching)
+        if spec.model_mode not in have:
+            skipped[m] = ("no memory bank" if loaded.model.store is None
+                          else "trained without a generic block")
+        else:
+            modes.append(m)
+    data = EvalData.of(loaded)
+    counter = FrequencyCounter.for_model(data, source=opts.bucket_source, ambiguous=opts.ambiguous)
+    console.print(f"[bold]eval[/] {label} ({path}): memory {', '.join(modes) or '-'} on "
+                  f"{', '.join(opts.tasks)}" + (f" (skipped: {skipped})" if skipped else ""))
+    side = []
+    if any(parse_memory(m, levels=rc.levels, branching=rc.branching).needs_routing for m in modes):
+        side.append(lane.submit(KEYS_PRIORITY, loaded.load_embedder))
+    ppl_modes = [m for m in modes if m in have] if opts.perplexity and data.heldout is not None else []
+    ppl_batch = loaded.recipe.trainer.batch_size   # as fit measured it: the same numbers, digit for digit
+    recorded = _recorded_perplexity(loaded, data, opts, ppl_modes, ppl_batch)
+    if recorded is not None:
+        count, nll, created = recorded
+        nll_jobs = [_done((count, nll))]
+        ppl_source = f"recorded by hmlm fit at {created} ({RECORD_FILE}: same files, same settings)"
+    elif getattr(loaded.model.anchor, "concurrent_forward", False):
+        nll_jobs = [lane.submit(PERPLEXITY_PRIORITY, leaf_nll, loaded, data.heldout, modes=[m],
+                                batch_size=ppl_batch) for m in ppl_modes]
+        ppl_source = "measured"
+    else:   # an anchor that keeps state on the module between calls runs one forward at a time (protocols)
+        nll_jobs = [_done(leaf_nll(loaded, data.heldout, modes=ppl_modes, batch_size=ppl_batch))] \
+            if ppl_modes else []
+        ppl_source = "measured"
+    results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
+                             counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks, lane=lane,
+                             after_keys=_import_plots)
+    for future in side:
+        future.result()   # its error, if any, is raised here
+    perplexity = None
+    if nll_jobs:
+        count, nll = {}, {}
+        for job in nll_jobs:
+            count, per_mode = job.result()
+            nll.update(per_mode)
+        perplexity = {**leaf_perplexity(data.heldout, count, nll), "source": ppl_source}
+        if recorded is not None:
+            console.print(f"[bold]eval[/] {label}: held-out perplexity {ppl_source}; "
+                          "--recompute-perplexity measures it again", highlight=False)
+    entry: dict[str, Any] = {"label": label, "path": str(path), "skipped": skipped,
+                             "modes": {m: {"tasks": r, "averages": averages(r)} for m, r in results.items()}}
+    if perplexity is not None:
+        entry["perplexity"] = perplexity
+    entry["notes"] = [n for n in (data.heldout_missing if opts.perplexity else None, data.mentions_missing) if n]
+    for note in entry["notes"]:   # once per model, with what it costs
+        console.print(f"[yellow]warning[/] {label}: {note}", highlight=False)
+    return entry
+
+
+def _import_plots() -> None:
+    """matplotlib's import (~1 s on a 2-core CPU), done on the lane once its other work is queued, not at the end."""
+    from . import plots  # noqa: F401
 
 
 def _done(value: Any) -> Future:
@@ -409,10 +467,11 @@ def eval_from_args(args, console: Console) -> dict:
     default_tasks = list(REMOVAL_TASKS) if removal is not None else list(DEFAULT_TASKS)
     opts = EvalOptions(models=list(args.model), tasks=split(args.tasks) or default_tasks,
                        memory=split(args.memory or "fetched,generic,none"), limit=args.limit,
-                       batch_size=args.batch_size, device=args.device,
+                       batch_size=args.batch_size or DEFAULT_BATCH_SIZE, device=args.device,
                        out=args.out, edges=parse_edges(args.buckets), include_path=args.include_path,
                        bucket_source=args.bucket_source, ambiguous=tuple(split(args.ambiguous)),
                        perplexity=not args.no_perplexity, max_gen_toks=args.max_gen_toks,
+                       recompute_perplexity=getattr(args, "recompute_perplexity", False),
                        embedder_path=getattr(args, "embedder_path", None),
                        verify=not getattr(args, "no_verify", False), removal=removal)
     if removal is not None:

@@ -316,10 +316,16 @@ def _merged_model(recipe: Recipe, trainer: L.Trainer, module: HMLMModule):
 
 def _heldout(model_dir: Path, model: MemoryLM, index_dir: Path, n_val: int, device, recipe: Recipe, progress: bool,
              console: Console) -> dict[str, float | None]:
-    from ..eval.perplexity import heldout_perplexity
+    from ..eval.heldout_record import measurement_key, write_record
+    from ..eval.perplexity import available_modes, leaf_nll, perplexities
 
     loaded = load_model_dir(model_dir, device=device, model=model)  # the model in memory: no re-read of the bank
-    ppl = heldout_perplexity(loaded, index_dir, batch_size=recipe.trainer.batch_size, progress=progress)
+    batch_size = recipe.trainer.batch_size
+    count, nll = leaf_nll(loaded, index_dir, modes=available_modes(loaded), batch_size=batch_size, progress=progress)
+    # kept beside model.json under the key of this measurement: `hmlm eval` of the same files reports it as is
+    write_record(model_dir, measurement_key(loaded.meta, device=loaded.device, batch_size=batch_size,
+                                            doc_mask=recipe.data.doc_mask), count, nll)
+    ppl = perplexities(count, nll)
     table = Table(title=f"held-out perplexity ({n_val} sequences, {index_dir})")
     table.add_column("memory")
     table.add_column("perplexity", justify="right")
