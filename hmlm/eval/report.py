@@ -285,12 +285,12 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
             return load_model_dir(path, device=device, embedder_path=opts.embedder_path, verify=opts.verify)
 
         first = lane.submit(KEYS_PRIORITY, load, paths[0])
-        from .adapter import parse_memory   # the adapter's import also quiets lm-eval's task loading (hmlm.eval.quiet)
+        from . import adapter  # noqa: F401  (its import quiets lm-eval's task loading: hmlm.eval.quiet)
 
         task_dict = load_tasks(task_manager(opts.tasks, opts.include_path), opts.tasks)
         for i, (path, label) in enumerate(zip(paths, _labels(paths))):
             loaded = first.result() if i == 0 else load(path)
-            report["models"].append(_eval_model(loaded, path, label, task_dict, opts, lane, console, parse_memory))
+            report["models"].append(_eval_model(loaded, path, label, task_dict, opts, lane, console))
     finally:
         lane.close()
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -312,10 +312,11 @@ def _recorded_perplexity(loaded, data, opts: EvalOptions, modes: Sequence[str], 
     return read_record(loaded.path, key, modes)
 
 
-def _eval_model(loaded, path: Path, label: str, task_dict: dict, opts: EvalOptions, lane: "Lane", console: Console,
-                parse_memory) -> dict[str, Any]:
+def _eval_model(loaded, path: Path, label: str, task_dict: dict, opts: EvalOptions, lane: "Lane",
+                console: Console) -> dict[str, Any]:
     """One model's report entry: every memory mode on the tasks, its held-out perplexity, what its directory lacks."""
     from .leafppl import leaf_perplexity
+    from .memory_spec import parse_memory
     from .modeldata import EvalData
     from .perplexity import available_modes, leaf_nll
 
