@@ -3,8 +3,9 @@
 Each held-out sequence is routed by the tree path stored in the index (the documents' own retrieval key: the full
 document, paper-notes §5.2), so "fetched" measures what the memory adds for the data it belongs to.
 
-`leaf_nll` is the one pass over the held-out sequences that both the overall number (`heldout_perplexity`, which
-`hmlm fit` prints) and the per-leaf report (hmlm.eval.leafppl) use: every batch is read once and run once per memory
+`leaf_nll` is the one pass over the held-out sequences that both the overall number (`perplexities` of its sums, which
+`hmlm fit` prints and keeps in the model directory: hmlm.eval.heldout_record; `heldout_perplexity` in one call) and the
+per-leaf report (hmlm.eval.leafppl) use: every batch is read once and run once per memory
 mode through the loss's fused head and chunked log-softmax (hmlm.loss.lm_token_nll), summed per row and per leaf.
 Only the positions up to each sequence's last scored label are run (trailing padding is cut, see `scored_widths`).
 """

@@ -340,6 +340,7 @@ def _eval_model(loaded, path: Path, label: str, task_dict: dict, opts: EvalOptio
     ppl_modes = [m for m in modes if m in have] if opts.perplexity and data.heldout is not None else []
     ppl_batch = loaded.recipe.trainer.batch_size   # as fit measured it: the same numbers, digit for digit
     recorded = _recorded_perplexity(loaded, data, opts, ppl_modes, ppl_batch)
+    ppl_source = "measured"
     if recorded is not None:
         count, nll, created = recorded
         nll_jobs = [_done((count, nll))]
@@ -347,11 +348,9 @@ def _eval_model(loaded, path: Path, label: str, task_dict: dict, opts: EvalOptio
     elif getattr(loaded.model.anchor, "concurrent_forward", False):
         nll_jobs = [lane.submit(PERPLEXITY_PRIORITY, leaf_nll, loaded, data.heldout, modes=[m],
                                 batch_size=ppl_batch) for m in ppl_modes]
-        ppl_source = "measured"
     else:   # an anchor that keeps state on the module between calls runs one forward at a time (protocols)
         nll_jobs = [_done(leaf_nll(loaded, data.heldout, modes=ppl_modes, batch_size=ppl_batch))] \
             if ppl_modes else []
-        ppl_source = "measured"
     results = evaluate_modes(loaded, task_dict, modes, limit=opts.limit, batch_size=opts.batch_size,
                              counter=counter, edges=opts.edges, max_gen_toks=opts.max_gen_toks, lane=lane,
                              after_keys=_import_plots)
