@@ -233,8 +233,8 @@ def build_index(recipe: Recipe, console: Console) -> Path:
     if recipe.data.tokenizer.train_docs and len(train_idx) > recipe.data.tokenizer.train_docs:
         tok_docs = np.sort(rng.choice(train_idx, size=recipe.data.tokenizer.train_docs, replace=False))
     tokenizer = build_tokenizer(recipe.data.tokenizer, [texts[i] for i in tok_docs], seed=recipe.seed)
-    token_docs = [np.asarray(ids + [tokenizer.eos_id], dtype=np.int64)
-                  for ids in tokenizer.encode_batch(texts)]
+    encoded = [np.asarray(ids + [tokenizer.eos_id], dtype=np.int64) for ids in tokenizer.encode_batch(list(unique))]
+    token_docs = [encoded[i] for i in slot]   # each distinct text encoded once, as it is embedded once
     n_tokens = np.array([len(t) for t in token_docs], dtype=np.int64)
 
     with atomic_dir(out) as tmp:

