@@ -111,7 +111,7 @@ class RowDecoder:
         width = max(len(p) for p in prompts)
         ragged = any(len(p) != width for p in prompts)
         if ragged and (self.cache is None or not pads_prompts(anchor)):
-            raise ValueError("generate_rows needs prompts of one length for this anchor (group them by length)")
+            raise ValueError("RowDecoder needs prompts of one length for this anchor (group them by length)")
         self.device = next(anchor.parameters()).device
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.memory = memory
@@ -197,8 +197,6 @@ def generate_rows(anchor: nn.Module, prompts: Sequence[Sequence[int]], *, memory
                   sampling: Sampling, use_cache: bool = True) -> Iterator[list[int]]:
     """Per step, the next token id of every row (`RowDecoder`, no row dropped), for at most
     `sampling.max_new_tokens` steps; the caller stops iterating once it has what it needs."""
-    if not prompts:
-        raise ValueError("generate_rows needs at least one prompt")
     decoder = RowDecoder(anchor, prompts, memory=memory, sampling=sampling, use_cache=use_cache)
     for _ in range(sampling.max_new_tokens):
         yield decoder.step()
